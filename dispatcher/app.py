@@ -1,0 +1,157 @@
+"""The aiohttp application: build the services, recover, serve, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib.metadata import entry_points
+
+import aiohttp
+from aiohttp import web
+
+from dispatcher import api, ingress
+from dispatcher.bindings import ConfigBindingResolver
+from dispatcher.blueprints import BlueprintSet, load_blueprints
+from dispatcher.errors import ConfigError, EventError
+from dispatcher.invokers.inprocess import InProcessInvoker
+from dispatcher.journal.sqlite import SQLiteJournal
+from dispatcher.leases import LeaseManager
+from dispatcher.metrics import Metrics
+from dispatcher.problems import error_response, problem_response
+from dispatcher.replies import ReplySender
+from dispatcher.runner import Runner
+from dispatcher.secrets import EnvSecretResolver
+from dispatcher.service import Dispatcher
+from dispatcher.settings import Settings
+from dispatcher.state import STATE, AppState
+from dispatcher.templating import TemplateEngine
+from functions.sdk import FunctionRegistry, SecretResolver, default_registry
+
+log = logging.getLogger("snaphook.app")
+
+ENTRY_POINT_GROUP = "snaphook.functions"
+
+
+def load_functions(extra_modules: list[str]) -> FunctionRegistry:
+    """Import every installed function family (entry points) plus ``extra_modules``."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+    for name in extra_modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"function_modules: cannot import {name!r}: {exc}") from None
+    return default_registry
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer is RFC 9457 problem+json; nothing a client sends yields a 5xx."""
+    state = request.app[STATE]
+    try:
+        return await handler(request)
+    except EventError as exc:
+        state.metrics.events_rejected.labels(status=str(exc.status)).inc()
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if request.method == "POST":
+            state.metrics.events_rejected.labels(status=str(exc.status)).inc()
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return problem_response(exc.status, exc.reason, exc.text or exc.reason, headers=headers)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return problem_response(500, "Internal Server Error", "see the dispatcher log")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: FunctionRegistry | None = None,
+    secrets: SecretResolver | None = None,
+) -> web.Application:
+    """Build the app. Blueprints are loaded and validated here, before anything serves."""
+    registry = registry if registry is not None else load_functions(settings.function_modules)
+    secrets = secrets or EnvSecretResolver()
+    engine = TemplateEngine(secrets, env_allow=settings.env_allow)
+    blueprints = load_blueprints(settings.hooks, registry, engine=engine)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[problems_middleware]
+    )
+    app.add_routes(ingress.routes())
+    app.add_routes(api.routes())
+    app.cleanup_ctx.append(_lifecycle(settings, registry, secrets, engine, blueprints))
+    return app
+
+
+def _lifecycle(
+    settings: Settings,
+    registry: FunctionRegistry,
+    secrets: SecretResolver,
+    engine: TemplateEngine,
+    blueprints: BlueprintSet,
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        metrics = Metrics()
+        journal = SQLiteJournal(settings.journal_path, synchronous=settings.journal_sync)
+        await journal.open()
+        http = aiohttp.ClientSession()
+        invoker = InProcessInvoker(registry, http, secrets)
+        leases = LeaseManager(journal, invoker, engine, registry, metrics)
+        replies = (
+            ReplySender(
+                settings.sink_url,
+                http,
+                metrics,
+                source=settings.reply_source,
+                attempts=settings.reply_attempts,
+            )
+            if settings.sink_url
+            else None
+        )
+        runner = Runner(
+            journal,
+            invoker,
+            leases,
+            engine,
+            lambda: blueprints,
+            metrics,
+            on_final=replies.on_final if replies is not None else None,
+            max_concurrent=settings.max_concurrent_runs,
+        )
+        resolver = ConfigBindingResolver(settings.bindings)
+        dispatcher = Dispatcher(journal, runner, resolver, lambda: blueprints, metrics)
+        state = AppState(settings, blueprints, journal, runner, leases, dispatcher, metrics)
+        app[STATE] = state
+        await leases.recover()
+        resumed = await runner.recover()
+        reaper = asyncio.create_task(leases.run_reaper(settings.lease_reap_interval))
+        state.ready = True
+        log.info(
+            "snaphook ready",
+            extra={"blueprints": blueprints.names(), "resumed_runs": resumed},
+        )
+        try:
+            yield
+        finally:
+            state.ready = False
+            await runner.close(settings.shutdown_grace)
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            if replies is not None:
+                await replies.close()
+            await http.close()
+            await journal.close()
+
+    return lifecycle

@@ -1,0 +1,258 @@
+"""``snaphook`` command line: serve, emit, validate, plan, runs.
+
+Exit codes: 0 success / allowed, 1 denied / failed / invalid, 2 usage or transport error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from dispatcher.errors import SnaphookError
+from dispatcher.settings import Settings
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"snaphook: {message}", err=True)
+    sys.exit(code)
+
+
+def load_settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return Settings.load(config, **overrides)
+    except SnaphookError as exc:
+        fail(str(exc))
+
+
+config_option = click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="SNAPHOOK_CONFIG",
+    help="YAML config file (settings and bindings).",
+)
+hooks_option = click.option(
+    "--hooks",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Blueprint directory (default: hooks/).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """snaphook: application-consistent hooks around Kubernetes backups."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8080).")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+@hooks_option
+@config_option
+def serve(
+    host: str | None,
+    port: int | None,
+    state_dir: Path | None,
+    hooks: Path | None,
+    config: Path | None,
+) -> None:
+    """Run the dispatcher (embedded SQLite journal in the state directory)."""
+    from aiohttp import web
+
+    from dispatcher.app import create_app
+    from dispatcher.logs import configure_logging
+
+    settings = load_settings(config, host=host, port=port, state_dir=state_dir, hooks=hooks)
+    configure_logging(settings.log_level)
+    try:
+        app = create_app(settings)
+    except SnaphookError as exc:
+        fail(str(exc), 1)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        print=lambda _: click.echo(
+            f"snaphook serving on http://{settings.host}:{settings.port}", err=True
+        ),
+        shutdown_timeout=settings.shutdown_grace,
+    )
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+@config_option
+def validate(directory: Path | None, config: Path | None) -> None:
+    """Validate every blueprint (and the config's bindings); one line per problem."""
+    from dispatcher.commands import validate_all
+
+    settings = load_settings(config, hooks=directory)
+    problems = validate_all(settings)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"ok: {settings.hooks}")
+
+
+@main.command()
+@click.option("--event", "event_file", type=click.File("r"), help="CloudEvent JSON file.")
+@click.option("--type", "event_type", help="Event type, e.g. backup.pre.")
+@click.option("--subject", help="namespace/kind/name")
+@click.option("--data", help="Event data JSON (default: a generated backup reference).")
+@click.option("--blueprint", help="Plan this blueprint instead of resolving the binding.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@hooks_option
+@config_option
+def plan(
+    event_file: Any,
+    event_type: str | None,
+    subject: str | None,
+    data: str | None,
+    blueprint: str | None,
+    as_json: bool,
+    hooks: Path | None,
+    config: Path | None,
+) -> None:
+    """Print the step DAG an event would run, without running anything."""
+    from dispatcher.commands import plan_for
+
+    settings = load_settings(config, hooks=hooks)
+    if event_file is not None:
+        document = _json_arg(event_file.read(), "--event")
+    elif event_type and subject:
+        document = build_event(event_type, subject, _data_arg(data, event_type))
+    else:
+        fail("give --event FILE, or --type and --subject")
+    try:
+        result = asyncio.run(plan_for(settings, document, blueprint))
+    except SnaphookError as exc:
+        fail(str(exc), 1)
+    from dispatcher.planner import format_plan
+
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_plan(result))
+
+
+def _json_arg(text: str, option: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        fail(f"{option}: not valid JSON: {exc}")
+
+
+def _data_arg(data: str | None, event_type: str, **given: Any) -> dict[str, Any]:
+    if data is not None:
+        value = _json_arg(data, "--data")
+        if not isinstance(value, dict):
+            fail("--data must be a JSON object")
+        return value
+    backup_id = given.get("backup_id") or f"manual-{uuid.uuid4().hex[:12]}"
+    result: dict[str, Any] = {
+        "backup": {"name": given.get("backup_name") or backup_id, "id": backup_id}
+    }
+    if event_type.endswith(".post"):
+        result["outcome"] = given.get("outcome") or "succeeded"
+    return result
+
+
+def build_event(
+    event_type: str,
+    subject: str,
+    data: dict[str, Any],
+    *,
+    source: str | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    full_type = event_type if event_type.startswith("io.") else f"io.snaphook.{event_type}"
+    return {
+        "specversion": "1.0",
+        "id": event_id or uuid.uuid4().hex,
+        "source": source or "snaphook-cli",
+        "type": full_type,
+        "subject": subject,
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+@main.command()
+@click.option("--type", "event_type", required=True, help="backup.pre, backup.post, ...")
+@click.option("--subject", required=True, help="namespace/kind/name")
+@click.option("--data", help="Event data JSON object.")
+@click.option("--backup-name", help="data.backup.name (when --data is not given).")
+@click.option("--backup-id", help="data.backup.id (when --data is not given).")
+@click.option("--outcome", type=click.Choice(["succeeded", "failed", "partial"]))
+@click.option("--source", default="snaphook-cli", show_default=True)
+@click.option("--id", "event_id", help="Event id (default: random). Same id = same run.")
+@click.option("--url", default="http://127.0.0.1:8080/v1/events", show_default=True)
+@click.option("--wait", type=float, help="Wait up to S seconds for the decision.")
+@click.option("--mode", type=click.Choice(["structured", "binary"]), default="structured")
+@click.option("--timeout", type=float, default=None, help="HTTP timeout (default wait + 10 s).")
+def emit(**options: Any) -> None:
+    """Send one hook event; with --wait, exit 0 if allowed, 1 if denied."""
+    from dispatcher.commands import send_event
+
+    data = _data_arg(
+        options["data"],
+        options["event_type"],
+        backup_name=options["backup_name"],
+        backup_id=options["backup_id"],
+        outcome=options["outcome"],
+    )
+    event = build_event(
+        options["event_type"],
+        options["subject"],
+        data,
+        source=options["source"],
+        event_id=options["event_id"],
+    )
+    code, body = asyncio.run(
+        send_event(
+            options["url"],
+            event,
+            wait=options["wait"],
+            mode=options["mode"],
+            timeout=options["timeout"],
+        )
+    )
+    click.echo(json.dumps(body, indent=2) if not isinstance(body, str) else body)
+    sys.exit(code)
+
+
+@main.group()
+def runs() -> None:
+    """Inspect runs through a running dispatcher's API."""
+
+
+url_option = click.option("--url", default="http://127.0.0.1:8080", show_default=True)
+
+
+@runs.command("ls")
+@url_option
+@click.option("--status", type=click.Choice(["accepted", "running", "succeeded", "failed"]))
+@click.option("--limit", type=int, default=20, show_default=True)
+def runs_ls(url: str, status: str | None, limit: int) -> None:
+    """List recent runs, newest first."""
+    from dispatcher.commands import api_get, format_runs
+
+    query = f"?limit={limit}" + (f"&status={status}" if status else "")
+    body = asyncio.run(api_get(f"{url.rstrip('/')}/v1/runs{query}"))
+    click.echo(format_runs(body.get("runs", [])))
+
+
+@runs.command("show")
+@click.argument("run_id")
+@url_option
+def runs_show(run_id: str, url: str) -> None:
+    """Show one run with its steps and leases (JSON)."""
+    from dispatcher.commands import api_get
+
+    body = asyncio.run(api_get(f"{url.rstrip('/')}/v1/runs/{run_id}"))
+    click.echo(json.dumps(body, indent=2))

@@ -1,0 +1,69 @@
+"""One root for everything snaphook raises on purpose.
+
+    SnaphookError
+    ├── BlueprintError      a blueprint or config file is invalid (file, line)
+    ├── EventError          an incoming request/event is unacceptable (HTTP status, field)
+    ├── ConfigError         settings or bindings are invalid
+    └── JournalError        the journal cannot record state (the caller may retry)
+
+Hook functions raise :class:`functions.sdk.FunctionError` and its subclasses; the runner
+interprets those, they never reach the HTTP layer.
+"""
+
+from __future__ import annotations
+
+from functions.sdk import FunctionError, PermanentError, RetryableError
+
+__all__ = [
+    "BlueprintError",
+    "ConfigError",
+    "EventError",
+    "FunctionError",
+    "JournalError",
+    "PermanentError",
+    "RetryableError",
+    "SnaphookError",
+]
+
+
+class SnaphookError(Exception):
+    """Base of snaphook's own errors."""
+
+
+class BlueprintError(SnaphookError):
+    """An invalid blueprint; ``str()`` reads ``file:line: message``."""
+
+    def __init__(self, message: str, *, file: str = "<blueprint>", line: int | None = None) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        where = f"{file}:{line}" if line is not None else file
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(SnaphookError):
+    """Invalid settings or bindings."""
+
+
+class EventError(SnaphookError):
+    """A request that cannot be accepted; maps to an RFC 9457 problem response."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.field = field
+        self.headers = headers or {}
+
+
+class JournalError(SnaphookError):
+    """The journal is unavailable or rejected a write."""

@@ -1,0 +1,122 @@
+"""The in-memory state of one executing run, mirrored from (and written to) the journal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from dispatcher.journal import LeaseRecord, LeaseStatus, RunRecord, StepRecord, StepStatus
+from dispatcher.planner import Plan, PlannedStep
+from dispatcher.scope import base_scope, event_info, lease_views, steps_scope
+from dispatcher.templating import TemplateEngine
+from functions.sdk import EventInfo
+
+
+@dataclass
+class Execution:
+    run: RunRecord
+    plan: Plan
+    steps: dict[str, StepRecord]
+    leases: dict[str, LeaseRecord] = field(default_factory=dict)  # by the step that took it
+    lease_outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # by lease id
+    claimed: dict[str, list[LeaseRecord]] = field(default_factory=dict)  # by releasing step
+    lease_errors: list[str] = field(default_factory=list)
+
+    @cached_property
+    def event(self) -> EventInfo:
+        return event_info(self.run)
+
+    @cached_property
+    def backup_id(self) -> str:
+        return str((self.run.event.get("data") or {}).get("backup", {}).get("id", ""))
+
+    @cached_property
+    def namespace(self) -> str | None:
+        return self.run.subject.split("/", 1)[0] or None
+
+    @property
+    def failed(self) -> bool:
+        """Whether the phase failed: a main step that must not fail, failed."""
+        return self.run.allowed is False or any(self.final_failed(p) for p in self.plan.main)
+
+    def final_failed(self, planned: PlannedStep) -> bool:
+        step = self.steps[planned.name]
+        return step.status is StepStatus.FAILED and planned.spec.on_error == "fail"
+
+    def scope(self) -> dict[str, Any]:
+        scope = base_scope(self.run)
+        scope["steps"] = steps_scope(self.steps.values())
+        scope["leases"] = lease_views(self.leases.values(), self.lease_outputs)
+        return scope
+
+    def _need_problem(self, need: str) -> str | None:
+        step = self.steps.get(need)
+        if step is None:
+            return None
+        if step.status is StepStatus.SKIPPED:
+            return f"not started: needs {need}, which was skipped"
+        if step.status is StepStatus.FAILED and self._on_error(need) == "fail":
+            return f"not started: needs {need}, which failed"
+        return None
+
+    def _on_error(self, name: str) -> str:
+        try:
+            return self.plan.step(name).spec.on_error
+        except KeyError:
+            return "fail"
+
+    def blocked(
+        self, pending: list[PlannedStep], *, stop_on_failure: bool
+    ) -> list[tuple[PlannedStep, str]]:
+        """Pending steps that can never start, with the reason."""
+        result = []
+        for planned in pending:
+            if stop_on_failure and self.failed:
+                result.append((planned, "not started: the phase already failed"))
+                continue
+            for need in planned.spec.needs:
+                problem = self._need_problem(need)
+                if problem is not None:
+                    result.append((planned, problem))
+                    break
+        return result
+
+    def ready(self, pending: list[PlannedStep]) -> list[PlannedStep]:
+        return [
+            planned
+            for planned in pending
+            if all(
+                need not in self.steps or self.steps[need].status.final
+                for need in planned.spec.needs
+            )
+        ]
+
+    def releases_by(self, planned: PlannedStep, engine: TemplateEngine) -> list[LeaseRecord]:
+        """Open leases this step releases: it names ``leases.<x>`` and calls x's release."""
+        names = {
+            path[1]
+            for value in _strings(planned.spec.with_)
+            for path in engine.referenced(value)
+            if len(path) >= 2 and path[0] == "leases"
+        }
+        return [
+            lease
+            for name, lease in self.leases.items()
+            if name in names
+            and lease.release_function == planned.spec.function
+            and lease.status is LeaseStatus.OPEN
+        ]
+
+    def log_fields(self, **more: Any) -> dict[str, Any]:
+        return {"run_id": self.run.run_id, "phase": self.plan.phase.value, **more}
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []

@@ -1,0 +1,162 @@
+"""CloudEvents HTTP ingress: ``POST /v1/events`` and ``POST /`` (Knative, cloud functions).
+
+Modes per the HTTP binding (see :mod:`dispatcher.cehttp`); answers:
+
+* async (default): ``202 {"run_id", "status"}`` with ``Location: /v1/runs/{id}``;
+* sync, ``?wait=S`` or ``Prefer: wait=S``: ``200 {"allowed", "reason", "run_id", "steps"}``
+  once the phase is decided (or the binding's failure_policy decides on timeout);
+* ``Prefer: reply``: ``200`` carrying the run's reply CloudEvent (binary mode) when the run
+  finishes in time;
+* batch mode: a JSON array, one entry per event.
+
+The run is in the journal before any 2xx leaves. Status codes follow Knative's data-plane
+table so senders retry only what is worth retrying: 400/413/415/422 are final, 503 is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from dispatcher.cehttp import (
+    Mode,
+    ParsedEvent,
+    parse_request,
+    to_binary_message,
+    webhook_options_response,
+)
+from dispatcher.errors import EventError
+from dispatcher.events import hook_event_from
+from dispatcher.problems import problem_of
+from dispatcher.replies import reply_event
+from dispatcher.state import STATE, AppState
+
+
+@dataclass(frozen=True)
+class Preferences:
+    wait: float | None  # seconds to wait for the decision; None = answer at once (async)
+    reply: bool  # the caller wants the reply event in the response
+
+
+def _parse_wait(raw: str, field: str, cap: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise EventError(
+            400,
+            "Invalid wait",
+            f"{field} must be a number of seconds >= 0, got {raw[:40]!r}",
+            field=field,
+        )
+    return min(value, cap)
+
+
+def preferences(request: web.Request, cap: float) -> Preferences:
+    """``?wait=`` wins over ``Prefer: wait=``; ``respond-async`` turns waiting off."""
+    tokens = [
+        token.strip()
+        for header in request.headers.getall("Prefer", [])
+        for token in header.split(",")
+        if token.strip()
+    ]
+    wait: float | None = None
+    reply = False
+    for token in tokens:
+        name, _, value = token.partition("=")
+        name = name.strip().lower()
+        if name == "wait" and value:
+            wait = _parse_wait(value.strip().strip('"'), "Prefer: wait", cap)
+        elif name == "reply":
+            reply = True
+        elif name == "respond-async":
+            wait = None
+    if "wait" in request.query:
+        wait = _parse_wait(request.query["wait"], "wait", cap)
+    return Preferences(wait=wait, reply=reply)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise EventError(
+            413, "Payload Too Large", f"body of {request.content_length} bytes exceeds {limit}"
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise EventError(413, "Payload Too Large", f"body exceeds {limit} bytes") from None
+
+
+async def post_events(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    prefs = preferences(request, state.settings.max_wait)
+    body = await _read_body(request, state.settings.max_body_bytes)
+    parsed = parse_request(request.raw_headers, body, max_batch=state.settings.max_batch)
+    if parsed.mode is Mode.BATCH:
+        return await _batch(state, parsed.events, prefs)
+    entry = await _one(state, parsed.events[0], prefs)
+    if prefs.reply:
+        replied = await _reply(state, entry["run_id"], prefs)
+        if replied is not None:
+            return replied
+    if prefs.wait is not None:
+        return web.json_response(entry)
+    return web.json_response(entry, status=202, headers={"Location": f"/v1/runs/{entry['run_id']}"})
+
+
+async def _one(state: AppState, parsed: ParsedEvent, prefs: Preferences) -> dict[str, Any]:
+    event = hook_event_from(parsed.attributes, parsed.data)
+    accepted = await state.dispatcher.accept(event)
+    if prefs.wait is None:
+        return {"run_id": accepted.run.run_id, "status": accepted.run.status.value}
+    return await state.dispatcher.decision(accepted.run, prefs.wait)
+
+
+async def _batch(state: AppState, events: list[ParsedEvent], prefs: Preferences) -> web.Response:
+    async def settle(parsed: ParsedEvent) -> dict[str, Any]:
+        try:
+            return await _one(state, parsed, prefs)
+        except EventError as exc:
+            state.metrics.events_rejected.labels(status=str(exc.status)).inc()
+            return problem_of(exc)
+
+    # Events are independent: one bad event neither blocks nor undoes the others.
+    results = list(await asyncio.gather(*(settle(p) for p in events)))
+    status = 200 if prefs.wait is not None else 202
+    if results and all("run_id" not in r for r in results):
+        status = min(int(r["status"]) for r in results)
+    return web.json_response(results, status=status)
+
+
+async def _reply(state: AppState, run_id: str, prefs: Preferences) -> web.Response | None:
+    wait = prefs.wait if prefs.wait is not None else state.settings.reply_wait
+    run = await state.runner.wait_final(run_id, wait)
+    if run is None or not run.status.final:
+        return None
+    steps = await state.journal.get_steps(run_id)
+    headers, body = to_binary_message(*reply_event(run, steps, state.settings.reply_source))
+    headers["Preference-Applied"] = "reply"
+    return web.Response(status=200, body=body, headers=headers)
+
+
+async def options_events(request: web.Request) -> web.Response:
+    """The CloudEvents webhook abuse-protection handshake."""
+    state = request.app[STATE]
+    status, headers = webhook_options_response(
+        request.headers, state.settings.webhook_allowed_origins
+    )
+    return web.Response(status=status, headers=headers)
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/events", post_events),
+        web.options("/v1/events", options_events),
+        web.post("/", post_events),
+        web.options("/", options_events),
+    ]

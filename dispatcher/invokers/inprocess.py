@@ -1,0 +1,75 @@
+"""Run a registered function in this process."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import aiohttp
+from pydantic import BaseModel, ValidationError
+
+from dispatcher.invokers import Invocation
+from dispatcher.redaction import redactor
+from functions.sdk import (
+    Context,
+    FunctionRegistry,
+    PermanentError,
+    SecretResolver,
+)
+
+log = logging.getLogger("snaphook.functions")
+
+
+def describe_validation(function: str, exc: ValidationError) -> str:
+    """Name each bad field and why, never the value (it may be a secret)."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in error["loc"]) or "(params)"
+        problems.append(f"{field}: {error['msg']}")
+    return f"invalid params for {function}: " + "; ".join(problems)
+
+
+def outputs_of(result: BaseModel | None) -> dict[str, Any]:
+    """JSON-ready outputs; SecretStr fields serialise masked, known secrets are redacted."""
+    if result is None:
+        return {}
+    dumped = result.model_dump(mode="json", by_alias=True)
+    return dict(redactor.redact_obj(dumped))
+
+
+class InProcessInvoker:
+    def __init__(
+        self,
+        registry: FunctionRegistry,
+        http: aiohttp.ClientSession,
+        secrets: SecretResolver,
+    ) -> None:
+        self._registry = registry
+        self._http = http
+        self._secrets = secrets
+
+    async def invoke(self, invocation: Invocation) -> dict[str, Any]:
+        spec = self._registry.get(invocation.function)
+        if spec is None:
+            raise PermanentError(f"unknown function {invocation.function!r}")
+        try:
+            params = spec.params_model.model_validate(invocation.params)
+        except ValidationError as exc:
+            raise PermanentError(describe_validation(spec.name, exc)) from None
+        ctx = Context(
+            event=invocation.event,
+            run_id=invocation.run_id,
+            step=invocation.step,
+            attempt=invocation.attempt,
+            deadline=time.monotonic() + invocation.timeout,
+            http=self._http,
+            secrets=self._secrets,
+            logger=logging.LoggerAdapter(
+                log,
+                {"run_id": invocation.run_id, "step": invocation.step, "function": spec.name},
+            ),
+            outputs=invocation.outputs,
+            lease_id=invocation.lease_id,
+        )
+        return outputs_of(await spec.fn(ctx, params))

@@ -1,0 +1,445 @@
+"""Execute a run's plan: the DAG of main steps, the phase decision, then finalizers.
+
+Every state change is written to the journal before it is acted on, so a restarted
+dispatcher resumes each unfinished run from its records: a step that was *running* when
+the process died is failed as ``interrupted`` (its effect is unknown), a step waiting to
+retry continues with its next attempt, and the run's finalizers still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dispatcher.blueprints import Blueprint, BlueprintSet
+from dispatcher.errors import SnaphookError
+from dispatcher.events import Phase
+from dispatcher.execution import Execution
+from dispatcher.invokers import Invocation, Invoker
+from dispatcher.journal import (
+    Journal,
+    LeaseRecord,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+)
+from dispatcher.leases import LeaseManager, LeaseReleaseError
+from dispatcher.metrics import Metrics
+from dispatcher.planner import PlannedStep, make_plan
+from dispatcher.retrying import Failure, backoff_delay, classify
+from dispatcher.templating import TemplateEngine
+
+log = logging.getLogger("snaphook.runner")
+
+FinalHook = Callable[[RunRecord, list[StepRecord]], Awaitable[None]]
+INTERRUPTED = "interrupted: the dispatcher stopped while this step was running"
+
+
+class Runner:
+    def __init__(
+        self,
+        journal: Journal,
+        invoker: Invoker,
+        leases: LeaseManager,
+        engine: TemplateEngine,
+        blueprints: Callable[[], BlueprintSet],
+        metrics: Metrics,
+        *,
+        on_final: FinalHook | None = None,
+        max_concurrent: int = 256,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._journal = journal
+        self._invoker = invoker
+        self._leases = leases
+        self._engine = engine
+        self._blueprints = blueprints
+        self._metrics = metrics
+        self._on_final = on_final
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._decided: dict[str, asyncio.Event] = {}
+        self._finished: dict[str, asyncio.Event] = {}
+
+    # -- public interface -------------------------------------------------------------
+
+    def submit(self, run_id: str) -> None:
+        """Start executing a journaled run (no-op if it is already executing)."""
+        if run_id in self._tasks:
+            return
+        task = asyncio.create_task(self._guarded(run_id), name=f"run {run_id}")
+        self._tasks[run_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(run_id, None))
+
+    async def recover(self) -> int:
+        """Resume every run the journal says is unfinished."""
+        runs = await self._journal.unfinished_runs()
+        for run in runs:
+            self.submit(run.run_id)
+        return len(runs)
+
+    async def wait_decision(self, run_id: str, timeout: float) -> RunRecord | None:
+        """The run once its phase is decided, or as it stands when ``timeout`` expires."""
+        return await self._wait(self._decided, run_id, timeout, lambda r: r.allowed is not None)
+
+    async def wait_final(self, run_id: str, timeout: float) -> RunRecord | None:
+        return await self._wait(self._finished, run_id, timeout, lambda r: r.status.final)
+
+    async def close(self, grace: float) -> None:
+        """Let running runs finish for ``grace`` seconds, then cancel the rest.
+
+        A cancelled run stays unfinished in the journal and is resumed at the next start.
+        """
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    # -- waiting ------------------------------------------------------------------------
+
+    async def _wait(
+        self,
+        events: dict[str, asyncio.Event],
+        run_id: str,
+        timeout: float,
+        done: Callable[[RunRecord], bool],
+    ) -> RunRecord | None:
+        # Register before reading the journal, so a decision landing in between still wakes us.
+        event = events.setdefault(run_id, asyncio.Event())
+        run = await self._journal.get_run(run_id)
+        if run is None or done(run) or timeout <= 0:
+            return run
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+        return await self._journal.get_run(run_id)
+
+    def _signal(self, events: dict[str, asyncio.Event], run_id: str) -> None:
+        event = events.pop(run_id, None)
+        if event is not None:
+            event.set()
+
+    # -- one run ------------------------------------------------------------------------
+
+    async def _guarded(self, run_id: str) -> None:
+        try:
+            async with self._slots:
+                await self._execute(run_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A journal outage mid-run: the run stays unfinished and resumes at restart.
+            log.exception("run aborted; it will resume from the journal", extra={"run_id": run_id})
+
+    async def _execute(self, run_id: str) -> None:
+        run = await self._journal.get_run(run_id)
+        if run is None or run.status.final:
+            self._signal(self._decided, run_id)
+            self._signal(self._finished, run_id)
+            return
+        blueprint = self._blueprints().get(run.blueprint)
+        phase = Phase.from_event_type(run.type)
+        if blueprint is None or phase is None:
+            await self._abandon(run, f"blueprint {run.blueprint!r} is no longer loaded")
+            return
+        ex = await self._prepare(run, blueprint, phase)
+        await self._run_main(ex)
+        await self._decide(ex)
+        await self._run_finalizers(ex)
+        await self._end_leases(ex)
+        await self._finish(ex)
+
+    async def _prepare(self, run: RunRecord, blueprint: Blueprint, phase: Phase) -> Execution:
+        plan = make_plan(
+            blueprint,
+            phase,
+            params=run.params,
+            failure_policy=run.failure_policy,
+            timeout=run.decision_timeout or 30.0,
+        )
+        steps = await self._journal.get_steps(run.run_id)
+        ex = Execution(run=run, plan=plan, steps={s.name: s for s in steps})
+        if run.status is RunStatus.ACCEPTED:
+            await self._journal.update_run(run.run_id, status=RunStatus.RUNNING)
+            run.status = RunStatus.RUNNING
+        log.info("run started", extra=ex.log_fields(blueprint=run.blueprint))
+        for step in steps:
+            if step.status is StepStatus.RUNNING:
+                await self._set_step(ex, step.name, status=StepStatus.FAILED, error=INTERRUPTED)
+        await self._load_leases(ex)
+        return ex
+
+    async def _load_leases(self, ex: Execution) -> None:
+        own = await self._journal.find_leases(run_id=ex.run.run_id)
+        inherited: list[LeaseRecord] = []
+        if ex.plan.phase.is_post:
+            inherited = [
+                lease
+                for lease in await self._journal.find_leases(target=ex.run.subject)
+                if lease.backup_id == ex.backup_id and lease.run_id != ex.run.run_id
+            ]
+        for lease in [*inherited, *own]:
+            ex.leases[lease.step] = lease
+            ex.lease_outputs[lease.lease_id] = await self._outputs_of(lease)
+
+    async def _outputs_of(self, lease: LeaseRecord) -> dict[str, Any]:
+        for step in await self._journal.get_steps(lease.run_id):
+            if step.name == lease.step:
+                return step.outputs or {}
+        return {}
+
+    async def _abandon(self, run: RunRecord, reason: str) -> None:
+        await self._journal.update_run(
+            run.run_id, status=RunStatus.FAILED, allowed=False, reason=reason
+        )
+        self._signal(self._decided, run.run_id)
+        leases = await self._journal.find_leases(run_id=run.run_id)
+        try:
+            await self._leases.release_all(leases, "run-failed")
+        except LeaseReleaseError as exc:
+            log.error("lease release failed", extra={"run_id": run.run_id, "error": str(exc)})
+        await self._complete(run)
+
+    # -- the DAG ------------------------------------------------------------------------
+
+    async def _run_main(self, ex: Execution) -> None:
+        await self._run_dag(ex, ex.plan.main, stop_on_failure=True)
+
+    async def _run_finalizers(self, ex: Execution) -> None:
+        wanted = [p for p in ex.plan.finalizers if p.spec.when == "always" or ex.failed]
+        for planned in ex.plan.finalizers:
+            if planned not in wanted and not ex.steps[planned.name].status.final:
+                await self._set_step(
+                    ex, planned.name, status=StepStatus.SKIPPED, error="the run succeeded"
+                )
+        await self._run_dag(ex, wanted, stop_on_failure=False)
+
+    async def _run_dag(
+        self, ex: Execution, planned: list[PlannedStep], *, stop_on_failure: bool
+    ) -> None:
+        pending = [p for p in planned if not ex.steps[p.name].status.final]
+        running: dict[str, asyncio.Task[None]] = {}
+        async with asyncio.TaskGroup() as group:
+            while pending or running:
+                for step, reason in ex.blocked(pending, stop_on_failure=stop_on_failure):
+                    pending.remove(step)
+                    await self._set_step(ex, step.name, status=StepStatus.SKIPPED, error=reason)
+                for step in ex.ready(pending):
+                    pending.remove(step)
+                    running[step.name] = group.create_task(self._run_step(ex, step))
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
+                for name in [n for n, t in running.items() if t in done]:
+                    del running[name]
+
+    # -- one step -----------------------------------------------------------------------
+
+    async def _run_step(self, ex: Execution, planned: PlannedStep) -> None:
+        spec = planned.spec
+        attempt = ex.steps[spec.name].attempts
+        while True:
+            attempt += 1
+            await self._set_step(
+                ex,
+                spec.name,
+                status=StepStatus.RUNNING,
+                attempts=attempt,
+                started_at=ex.steps[spec.name].started_at or self._clock(),
+            )
+            log.info("step started", extra=ex.log_fields(step=spec.name, attempt=attempt))
+            started = time.monotonic()
+            try:
+                outputs = await self._attempt(ex, planned, attempt)
+            except Exception as exc:
+                failure = _failure_of(exc, spec.timeout)
+                self._observe(spec.function, "error", started)
+                if failure.retryable and attempt < spec.retry.attempts:
+                    await self._retry_later(ex, planned, attempt, failure)
+                    continue
+                await self._step_failed(ex, planned, failure.message)
+                return
+            self._observe(spec.function, "ok", started)
+            await self._step_succeeded(ex, planned, outputs)
+            return
+
+    async def _attempt(self, ex: Execution, planned: PlannedStep, attempt: int) -> dict[str, Any]:
+        spec = planned.spec
+        scope = ex.scope()
+        params = await self._engine.render(spec.with_, scope, namespace=ex.namespace)
+        lease_id = None
+        if spec.lease is not None:
+            lease = ex.leases.get(spec.name)
+            if lease is None or lease.run_id != ex.run.run_id:
+                # Journaled before the function runs: a crash mid-freeze still leaves a lease.
+                lease = await self._leases.take(ex.run, spec.name, spec.lease, scope)
+                ex.leases[spec.name] = lease
+            lease_id = lease.lease_id
+        await self._claim_releases(ex, planned)
+        invocation = Invocation(
+            function=spec.function,
+            params=params,
+            event=ex.event,
+            run_id=ex.run.run_id,
+            step=spec.name,
+            attempt=attempt,
+            timeout=spec.timeout,
+            outputs={name: s.get("outputs", {}) for name, s in scope["steps"].items()},
+            lease_id=lease_id,
+        )
+        async with asyncio.timeout(spec.timeout):
+            return await self._invoker.invoke(invocation)
+
+    async def _retry_later(
+        self, ex: Execution, planned: PlannedStep, attempt: int, failure: Failure
+    ) -> None:
+        retry = planned.spec.retry
+        delay = failure.delay
+        if delay is None:
+            delay = backoff_delay(attempt, base=retry.backoff, cap=retry.max_backoff, rng=self._rng)
+        # PENDING while waiting: a restart resumes with the next attempt instead of failing.
+        await self._set_step(
+            ex,
+            planned.name,
+            status=StepStatus.PENDING,
+            error=f"attempt {attempt} failed: {failure.message}; retrying in {delay:.2f}s",
+        )
+        await self._unclaim_releases(ex, planned)
+        log.warning(
+            "step retrying",
+            extra=ex.log_fields(step=planned.name, attempt=attempt, delay=round(delay, 3)),
+        )
+        await self._sleep(delay)
+
+    async def _step_succeeded(
+        self, ex: Execution, planned: PlannedStep, outputs: dict[str, Any]
+    ) -> None:
+        await self._set_step(
+            ex,
+            planned.name,
+            status=StepStatus.SUCCEEDED,
+            outputs=outputs,
+            error=None,
+            finished_at=self._clock(),
+        )
+        for lease in ex.claimed.pop(planned.name, []):
+            await self._leases.mark_released(lease, f"step:{ex.run.run_id}/{planned.name}")
+        log.info("step succeeded", extra=ex.log_fields(step=planned.name))
+
+    async def _step_failed(self, ex: Execution, planned: PlannedStep, message: str) -> None:
+        await self._set_step(
+            ex, planned.name, status=StepStatus.FAILED, error=message, finished_at=self._clock()
+        )
+        log.warning("step failed", extra=ex.log_fields(step=planned.name, error=message))
+        await self._unclaim_releases(ex, planned)
+        own = ex.leases.get(planned.name)
+        if planned.spec.lease is not None and own is not None and own.run_id == ex.run.run_id:
+            # The freeze may have half-happened: undo it now rather than at TTL.
+            await self._release_quietly([own], "step-failed", ex)
+        if planned.spec.on_error == "fail" and not planned.final and ex.run.allowed is None:
+            await self._record_decision(ex, False, f"step {planned.name} failed: {message}")
+
+    # -- leases released by post steps -----------------------------------------------------
+
+    async def _claim_releases(self, ex: Execution, planned: PlannedStep) -> None:
+        claimed = ex.claimed.setdefault(planned.name, [])
+        for lease in ex.releases_by(planned, self._engine):
+            if lease not in claimed and await self._leases.claim(
+                lease, f"step:{ex.run.run_id}/{planned.name}"
+            ):
+                claimed.append(lease)
+
+    async def _unclaim_releases(self, ex: Execution, planned: PlannedStep) -> None:
+        for lease in ex.claimed.pop(planned.name, []):
+            await self._leases.unclaim(lease)
+
+    async def _release_quietly(self, leases: list[LeaseRecord], by: str, ex: Execution) -> bool:
+        try:
+            await self._leases.release_all(leases, by)
+        except LeaseReleaseError as exc:
+            ex.lease_errors.append(str(exc))
+            return False
+        return True
+
+    async def _end_leases(self, ex: Execution) -> None:
+        """Post phase: release what the steps did not. Failed run: release what it took."""
+        targets: list[LeaseRecord] = []
+        if ex.plan.phase.is_post:
+            targets += [lease for lease in ex.leases.values() if lease.run_id != ex.run.run_id]
+        if ex.failed:
+            targets += [lease for lease in ex.leases.values() if lease.run_id == ex.run.run_id]
+        by = f"post:{ex.run.run_id}" if ex.plan.phase.is_post else "run-failed"
+        fresh = [await self._journal.get_lease(lease.lease_id) for lease in targets]
+        await self._release_quietly([lease for lease in fresh if lease is not None], by, ex)
+
+    # -- decision and end -------------------------------------------------------------------
+
+    async def _decide(self, ex: Execution) -> None:
+        if ex.run.allowed is None:
+            count = len(ex.plan.main)
+            await self._record_decision(ex, True, f"{count} step(s) succeeded")
+
+    async def _record_decision(self, ex: Execution, allowed: bool, reason: str) -> None:
+        await self._journal.update_run(ex.run.run_id, allowed=allowed, reason=reason)
+        ex.run.allowed, ex.run.reason = allowed, reason
+        log.info("phase decided", extra=ex.log_fields(allowed=allowed, reason=reason))
+        self._signal(self._decided, ex.run.run_id)
+
+    async def _finish(self, ex: Execution) -> None:
+        failed_final = [p.name for p in ex.plan.finalizers if ex.final_failed(p)]
+        reason = ex.run.reason
+        if failed_final:
+            reason += f"; finalizer(s) failed: {', '.join(failed_final)}"
+        if ex.lease_errors:
+            reason += "; lease release failed: " + "; ".join(ex.lease_errors)
+        ok = not ex.failed and not failed_final and not ex.lease_errors
+        status = RunStatus.SUCCEEDED if ok else RunStatus.FAILED
+        await self._journal.update_run(ex.run.run_id, status=status, reason=reason)
+        ex.run.status, ex.run.reason = status, reason
+        await self._complete(ex.run)
+
+    async def _complete(self, run: RunRecord) -> None:
+        fresh = await self._journal.get_run(run.run_id) or run
+        self._metrics.runs.labels(outcome=fresh.status.value).inc()
+        log.info("run finished", extra={"run_id": run.run_id, "status": fresh.status.value})
+        self._signal(self._decided, run.run_id)
+        self._signal(self._finished, run.run_id)
+        if self._on_final is not None:
+            await self._on_final(fresh, await self._journal.get_steps(run.run_id))
+
+    async def _set_step(self, ex: Execution, name: str, **changes: Any) -> None:
+        await self._journal.update_step(ex.run.run_id, name, **changes)
+        record = ex.steps[name]
+        for key, value in changes.items():
+            setattr(record, key, value)
+
+    def _observe(self, function: str, result: str, started: float) -> None:
+        self._metrics.step_duration.labels(function=function, result=result).observe(
+            time.monotonic() - started
+        )
+
+
+def _failure_of(exc: Exception, timeout: float) -> Failure:
+    # Our own errors at this point (a template naming something missing) can't heal by retrying.
+    if isinstance(exc, SnaphookError):
+        return Failure(classify(exc, timeout=timeout).message, retryable=False)
+    return classify(exc, timeout=timeout)

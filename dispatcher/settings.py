@@ -1,0 +1,160 @@
+"""Settings: CLI flags > ``SNAPHOOK_*`` environment > config file (YAML) > defaults.
+
+The config file holds the same keys as the environment (lower case, no prefix) plus the
+static ``bindings:`` list. It may carry ``apiVersion: snaphook.io/v1`` and ``kind: Config``
+so it can sit beside blueprints (the blueprint loader skips it)::
+
+    apiVersion: snaphook.io/v1
+    kind: Config
+    port: 8080
+    bindings:
+      - blueprint: demo
+        match: {namespace: demo, kind: Deployment, name: web}
+        failure_policy: fail
+        timeout: 20s
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from dispatcher.durations import Duration
+from dispatcher.errors import ConfigError
+
+FailurePolicy = Literal["fail", "ignore"]
+
+
+class BindingMatch(BaseModel):
+    """Which event subjects a binding applies to; omitted fields match anything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespace: str | None = None
+    kind: str | None = None
+    name: str | None = None
+    # Kubernetes-style matchLabels, compared with ``data.target.labels`` of the event.
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class BindingConfig(BaseModel):
+    """A static binding from the config file: target → blueprint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    blueprint: str = Field(min_length=1)
+    match: BindingMatch = Field(default_factory=BindingMatch)
+    failure_policy: FailurePolicy = "fail"
+    # How long the pre phase may take to decide before failure_policy applies.
+    timeout: Duration = 30.0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SNAPHOOK_", extra="forbid")
+
+    # Set by ``load()`` before construction: the config file's settings, lowest priority.
+    _file_values: ClassVar[dict[str, Any]] = {}
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    state_dir: Path = Path(".snaphook")
+    hooks: Path = Path("hooks")
+    config: Path | None = None
+    bindings: list[BindingConfig] = Field(default_factory=list)
+
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_batch: int = Field(default=100, ge=1, le=10_000)
+    max_wait: Duration = 300.0  # longest synchronous wait a caller may ask for
+    reply_wait: Duration = 30.0  # how long ``Prefer: reply`` waits for the run to finish
+    max_concurrent_runs: int = Field(default=256, ge=1)
+    shutdown_grace: Duration = 10.0
+
+    journal_sync: Literal["full", "normal"] = "full"
+    lease_reap_interval: Duration = 1.0
+
+    sink_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("SNAPHOOK_SINK_URL", "K_SINK", "sink_url")
+    )
+    reply_source: str = "snaphook"
+    reply_attempts: int = Field(default=5, ge=1, le=50)
+
+    function_modules: list[str] = Field(default_factory=list)
+    env_allow: list[str] | None = None  # names env() may read in templates; None = any
+    webhook_allowed_origins: list[str] | None = None  # None = any origin
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("function_modules", "env_allow", "webhook_allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # Environment variables carry lists as "a,b,c" as well as JSON.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.sqlite3"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file_settings = InitSettingsSource(settings_cls, init_kwargs=dict(cls._file_values))
+        return (init_settings, env_settings, file_settings)
+
+    @classmethod
+    def load(cls, config: Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from flags (``overrides``, ``None`` = not given), env and file."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if config is not None:
+            given["config"] = config
+        cls._file_values = _read_config_file(config) if config is not None else {}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, config)) from None
+        finally:
+            cls._file_values = {}
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: config file must be a mapping of settings")
+    api_version, kind = loaded.pop("apiVersion", None), loaded.pop("kind", None)
+    if api_version not in (None, "snaphook.io/v1") or kind not in (None, "Config"):
+        raise ConfigError(f"{path}: expected apiVersion snaphook.io/v1, kind Config")
+    return loaded
+
+
+def _describe(exc: ValidationError, config: Path | None) -> str:
+    where = f" in {config}" if config is not None else ""
+    lines = [f"invalid settings{where}:"]
+    for error in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in error["loc"]) or "(root)"
+        lines.append(f"  {field}: {error['msg']}")
+    return "\n".join(lines)

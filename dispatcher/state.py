@@ -1,0 +1,30 @@
+"""What the HTTP handlers share: the services an app was built with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from dispatcher.blueprints import BlueprintSet
+from dispatcher.journal import Journal
+from dispatcher.leases import LeaseManager
+from dispatcher.metrics import Metrics
+from dispatcher.runner import Runner
+from dispatcher.service import Dispatcher
+from dispatcher.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    blueprints: BlueprintSet
+    journal: Journal
+    runner: Runner
+    leases: LeaseManager
+    dispatcher: Dispatcher
+    metrics: Metrics
+    ready: bool = False  # true once recovery is done; false again while draining
+
+
+STATE = web.AppKey("snaphook_state", AppState)

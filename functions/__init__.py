@@ -1,0 +1,30 @@
+"""Hook functions and the SDK they are written with.
+
+Function authors need only what is re-exported here.
+"""
+
+from functions.sdk import (
+    Context,
+    EventInfo,
+    FunctionError,
+    FunctionRegistry,
+    FunctionSpec,
+    PermanentError,
+    RetryableError,
+    SecretResolver,
+    default_registry,
+    function,
+)
+
+__all__ = [
+    "Context",
+    "EventInfo",
+    "FunctionError",
+    "FunctionRegistry",
+    "FunctionSpec",
+    "PermanentError",
+    "RetryableError",
+    "SecretResolver",
+    "default_registry",
+    "function",
+]

@@ -1,0 +1,66 @@
+"""``http.request``: call an HTTP endpoint and check the status it answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import aiohttp
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr
+
+from functions.sdk import Context, PermanentError, RetryableError, function
+
+_MAX_BODY = 64 * 1024  # kept in outputs; larger answers are truncated
+
+
+class RequestParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: AnyHttpUrl
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    # Header values that carry credentials; masked everywhere but on the wire.
+    secret_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    json_body: Any = Field(default=None, alias="json")
+    body: str | None = None
+    timeout: float = Field(default=10.0, gt=0, le=3600)
+    expect_status: list[int] = Field(default_factory=lambda: [200, 201, 202, 204])
+
+
+class RequestResult(BaseModel):
+    status: int
+    body: str
+    json_body: Any = Field(default=None, serialization_alias="json")
+
+
+def _decode(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+@function("http.request")
+async def request(ctx: Context, p: RequestParams) -> RequestResult:
+    """Send one request; a 5xx or connection error is retryable, an unexpected 4xx is not."""
+    headers = dict(p.headers)
+    headers.update({k: v.get_secret_value() for k, v in p.secret_headers.items()})
+    timeout = aiohttp.ClientTimeout(total=min(p.timeout, ctx.remaining() or p.timeout))
+    try:
+        async with ctx.http.request(
+            p.method,
+            str(p.url),
+            headers=headers,
+            json=p.json_body if p.body is None else None,
+            data=p.body,
+            timeout=timeout,
+        ) as resp:
+            raw = await resp.content.read(_MAX_BODY)
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RetryableError(f"{p.method} {p.url.host}: {type(exc).__name__}: {exc}") from None
+    text = raw.decode("utf-8", errors="replace")
+    if status not in p.expect_status:
+        message = f"{p.method} {p.url.host}{p.url.path or ''} answered {status}"
+        raise (RetryableError if status >= 500 or status == 429 else PermanentError)(message)
+    return RequestResult(status=status, body=text, json_body=_decode(text))

@@ -1,0 +1,135 @@
+"""Shared fixtures: a real dispatcher app on 127.0.0.1 with test functions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from dispatcher.app import create_app
+from dispatcher.cehttp import to_binary_message, to_structured_body
+from dispatcher.settings import Settings
+from dispatcher.state import STATE, AppState
+from tests.hookfns import Recorder, fresh
+
+SUBJECT = "ns/Deployment/app"
+
+
+def event_json(
+    event_type: str = "backup.pre",
+    subject: str = SUBJECT,
+    data: dict[str, Any] | None = None,
+    *,
+    event_id: str | None = None,
+    source: str = "test",
+    backup_id: str = "b1",
+    outcome: str | None = None,
+) -> dict[str, Any]:
+    if data is None:
+        data = {"backup": {"name": "nightly", "id": backup_id}}
+        if outcome is not None or event_type.endswith(".post"):
+            data["outcome"] = outcome or "succeeded"
+    return {
+        "specversion": "1.0",
+        "id": event_id or uuid.uuid4().hex,
+        "source": source,
+        "type": f"io.snaphook.{event_type}",
+        "subject": subject,
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+@dataclass
+class Harness:
+    client: TestClient[Any, Any]
+    recorder: Recorder
+    settings: Settings
+
+    @property
+    def state(self) -> AppState:
+        return self.client.app[STATE]  # type: ignore[index]
+
+    async def send(
+        self,
+        event: dict[str, Any],
+        *,
+        mode: str = "structured",
+        wait: float | None = None,
+        headers: dict[str, str] | None = None,
+        path: str = "/v1/events",
+    ) -> aiohttp.ClientResponse:
+        attributes = {k: v for k, v in event.items() if k != "data"}
+        if mode == "binary":
+            hdrs, body = to_binary_message(attributes, event["data"])
+        else:
+            hdrs = {"Content-Type": "application/cloudevents+json"}
+            body = to_structured_body(attributes, event["data"])
+        hdrs.update(headers or {})
+        params = {"wait": str(wait)} if wait is not None else {}
+        return await self.client.post(path, data=body, headers=hdrs, params=params)
+
+    async def emit(self, event_type: str = "backup.pre", **kw: Any) -> dict[str, Any]:
+        wait = kw.pop("wait", None)
+        resp = await self.send(event_json(event_type, **kw), wait=wait)
+        assert resp.status in (200, 202), await resp.text()
+        body: dict[str, Any] = await resp.json()
+        return body
+
+    async def final(self, run_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        run = await self.state.runner.wait_final(run_id, timeout)
+        assert run is not None and run.status.final, f"run {run_id} not final: {run}"
+        resp = await self.client.get(f"/v1/runs/{run_id}")
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+
+
+def write_blueprints(directory: Path, blueprints: dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in blueprints.items():
+        (directory / f"{name}.yaml").write_text(text, encoding="utf-8")
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[HarnessFactory]:
+    made: list[Harness] = []
+
+    async def make(
+        blueprints: dict[str, str],
+        *,
+        bind: str | None = None,
+        bindings: list[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> Harness:
+        hooks = tmp_path / f"hooks{len(made)}"
+        write_blueprints(hooks, blueprints)
+        if bindings is None:
+            bindings = [{"blueprint": bind or next(iter(blueprints)), "match": {"namespace": "ns"}}]
+        settings = Settings.load(
+            None,
+            state_dir=overrides.pop("state_dir", tmp_path / "state"),
+            hooks=hooks,
+            bindings=bindings,
+            lease_reap_interval=overrides.pop("lease_reap_interval", 0.05),
+            **overrides,
+        )
+        recorder = Recorder()
+        app = create_app(settings, registry=fresh(recorder))
+        client: TestClient[Any, Any] = TestClient(TestServer(app))
+        await client.start_server()
+        h = Harness(client, recorder, settings)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.client.close()

@@ -243,6 +243,15 @@ class Blueprint(_Model):
         """The steps of ``phase`` in file order; ``[]`` when the blueprint has no such action."""
         return list(self.spec.actions.get(phase, []))
 
+    def release_functions(self) -> dict[str, str]:
+        """Step name → the release function of the lease it takes, across all actions."""
+        return {
+            step.name: step.lease.release.function
+            for phase in self.phases()
+            for step in self.steps(phase)
+            if step.lease is not None
+        }
+
     def lease_steps(self) -> frozenset[str]:
         """Names of steps (in any action) that take a lease: what ``leases.<name>`` may name."""
         return frozenset(

@@ -22,6 +22,7 @@ class Execution:
     lease_outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # by lease id
     claimed: dict[str, list[LeaseRecord]] = field(default_factory=dict)  # by releasing step
     lease_errors: list[str] = field(default_factory=list)
+    release_functions: dict[str, str] = field(default_factory=dict)  # lease step → release fn
 
     @cached_property
     def event(self) -> EventInfo:
@@ -72,14 +73,13 @@ class Execution:
         """Pending steps that can never start, with the reason."""
         result = []
         for planned in pending:
-            if stop_on_failure and self.failed:
-                result.append((planned, "not started: the phase already failed"))
-                continue
-            for need in planned.spec.needs:
-                problem = self._need_problem(need)
-                if problem is not None:
-                    result.append((planned, problem))
-                    break
+            # A failed dependency is the more useful reason, so it is looked for first.
+            problems = (self._need_problem(need) for need in planned.spec.needs)
+            problem = next((p for p in problems if p is not None), None)
+            if problem is None and stop_on_failure and self.failed:
+                problem = "not started: the phase already failed"
+            if problem is not None:
+                result.append((planned, problem))
         return result
 
     def ready(self, pending: list[PlannedStep]) -> list[PlannedStep]:
@@ -92,21 +92,45 @@ class Execution:
             )
         ]
 
-    def releases_by(self, planned: PlannedStep, engine: TemplateEngine) -> list[LeaseRecord]:
-        """Open leases this step releases: it names ``leases.<x>`` and calls x's release."""
-        names = {
+    def _released_names(self, planned: PlannedStep, engine: TemplateEngine) -> set[str]:
+        """Lease steps this step releases: it names ``leases.<x>`` and calls x's release."""
+        return {
             path[1]
             for value in _strings(planned.spec.with_)
             for path in engine.referenced(value)
-            if len(path) >= 2 and path[0] == "leases"
+            if len(path) >= 2
+            and path[0] == "leases"
+            and self.release_functions.get(path[1]) == planned.spec.function
         }
+
+    def releases_by(self, planned: PlannedStep, engine: TemplateEngine) -> list[LeaseRecord]:
+        """Open leases this step releases."""
+        names = self._released_names(planned, engine)
         return [
             lease
             for name, lease in self.leases.items()
-            if name in names
-            and lease.release_function == planned.spec.function
-            and lease.status is LeaseStatus.OPEN
+            if name in names and lease.status is LeaseStatus.OPEN
         ]
+
+    def nothing_to_release(self, planned: PlannedStep, engine: TemplateEngine) -> str | None:
+        """Why a releasing step has nothing left to do (so it is skipped), else ``None``.
+
+        A thaw after the reaper already thawed, or a post event whose pre run never took
+        the lease, must not call the release function a second time.
+        """
+        names = self._released_names(planned, engine)
+        if not names:
+            return None
+        reasons = []
+        for name in sorted(names):
+            lease = self.leases.get(name)
+            if lease is None:
+                reasons.append(f"no lease {name} for this target and backup")
+            elif lease.status is not LeaseStatus.OPEN:
+                reasons.append(f"lease {name} already {lease.status.value} by {lease.released_by}")
+            else:
+                return None
+        return "nothing to release: " + "; ".join(reasons)
 
     def log_fields(self, **more: Any) -> dict[str, Any]:
         return {"run_id": self.run.run_id, "phase": self.plan.phase.value, **more}

@@ -177,7 +177,12 @@ class Runner:
             timeout=run.decision_timeout or 30.0,
         )
         steps = await self._journal.get_steps(run.run_id)
-        ex = Execution(run=run, plan=plan, steps={s.name: s for s in steps})
+        ex = Execution(
+            run=run,
+            plan=plan,
+            steps={s.name: s for s in steps},
+            release_functions=blueprint.release_functions(),
+        )
         if run.status is RunStatus.ACCEPTED:
             await self._journal.update_run(run.run_id, status=RunStatus.RUNNING)
             run.status = RunStatus.RUNNING
@@ -256,6 +261,11 @@ class Runner:
 
     async def _run_step(self, ex: Execution, planned: PlannedStep) -> None:
         spec = planned.spec
+        skip = ex.nothing_to_release(planned, self._engine)
+        if skip is not None:
+            await self._set_step(ex, spec.name, status=StepStatus.SKIPPED, error=skip)
+            log.info("step skipped", extra=ex.log_fields(step=spec.name, reason=skip))
+            return
         attempt = ex.steps[spec.name].attempts
         while True:
             attempt += 1

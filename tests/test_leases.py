@@ -32,8 +32,9 @@ POST_WITHOUT_THAW = """
 """
 
 
-def blueprint(post: str = POST_WITH_THAW, *, ttl: str = "1h", fail: bool = False,
-              more: str = "") -> str:
+def blueprint(
+    post: str = POST_WITH_THAW, *, ttl: str = "1h", fail: bool = False, more: str = ""
+) -> str:
     pre = PRE.format(ttl=ttl, fail=", fail: true" if fail else "", more=more)
     return (
         "apiVersion: snaphook.io/v1\nkind: Blueprint\nmetadata: {name: bp}\n"

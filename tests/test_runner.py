@@ -186,7 +186,9 @@ async def test_step_outputs_feed_later_templates(harness: HarnessFactory) -> Non
 - name: say
   function: notify.log
   needs: [first]
-  with: {message: "effect={{ steps.first.outputs.effect }} backup={{ backup.name }} ns={{ target.namespace }}"}
+  with:
+    message: "effect={{ steps.first.outputs.effect }} backup={{ backup.name }}\\
+      \\ ns={{ target.namespace }}"
 """)
         }
     )

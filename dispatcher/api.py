@@ -64,11 +64,13 @@ def lease_json(lease: LeaseRecord) -> dict[str, Any]:
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # isdigit() alone admits "²" and 5000-digit strings, which int() refuses (a 500).
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
+    if not 1 <= value <= MAX_LIMIT:
         raise EventError(
             400, "Invalid query", f"limit must be an integer 1..{MAX_LIMIT}", field="limit"
         )
-    return int(raw)
+    return value
 
 
 def _status(request: web.Request) -> RunStatus | None:

@@ -14,7 +14,8 @@ from aiohttp import web
 
 from dispatcher import api, ingress
 from dispatcher.bindings import ConfigBindingResolver
-from dispatcher.blueprints import BlueprintSet, load_blueprints
+from dispatcher.blueprint_loader import load_blueprints
+from dispatcher.blueprints import BlueprintSet
 from dispatcher.errors import ConfigError, EventError
 from dispatcher.invokers.inprocess import InProcessInvoker
 from dispatcher.journal.sqlite import SQLiteJournal
@@ -57,7 +58,8 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         return await handler(request)
     except EventError as exc:
-        state.metrics.events_rejected.labels(status=str(exc.status)).inc()
+        if request.method == "POST":  # a mistyped run id is not a rejected event
+            state.metrics.events_rejected.labels(status=str(exc.status)).inc()
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -8,7 +8,8 @@ from typing import Any
 import aiohttp
 
 from dispatcher.bindings import ConfigBindingResolver
-from dispatcher.blueprints import BlueprintErrors, load_blueprints
+from dispatcher.blueprint_loader import load_blueprints
+from dispatcher.blueprints import BlueprintErrors
 from dispatcher.cehttp import to_binary_message, to_structured_body
 from dispatcher.errors import BlueprintError, EventError, SnaphookError
 from dispatcher.events import hook_event_from

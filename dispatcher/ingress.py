@@ -90,6 +90,13 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise EventError(413, "Payload Too Large", f"body exceeds {limit} bytes") from None
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
+        raise EventError(
+            400,
+            "Malformed body",
+            f"the request body cannot be read: {exc}",
+            headers={"Connection": "close"},  # the rest of the body cannot be skipped
+        ) from None
 
 
 async def post_events(request: web.Request) -> web.StreamResponse:
@@ -150,6 +157,22 @@ async def options_events(request: web.Request) -> web.Response:
     status, headers = webhook_options_response(
         request.headers, state.settings.webhook_allowed_origins
     )
+    if status == 400:
+        raise EventError(
+            400,
+            "Missing WebHook-Request-Origin",
+            "the webhook validation handshake needs a WebHook-Request-Origin header",
+            field="WebHook-Request-Origin",
+            headers=headers,
+        )
+    if status == 403:
+        raise EventError(
+            403,
+            "Origin not allowed",
+            "this WebHook-Request-Origin may not deliver events here",
+            field="WebHook-Request-Origin",
+            headers=headers,
+        )
     return web.Response(status=status, headers=headers)
 
 

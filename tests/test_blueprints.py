@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dispatcher.blueprint_loader import load_blueprints, validate_blueprints
 from dispatcher.blueprints import (
     Blueprint,
     BlueprintErrors,
@@ -19,8 +20,6 @@ from dispatcher.blueprints import (
     ReleaseSpec,
     RetryPolicy,
     StepSpec,
-    load_blueprints,
-    validate_blueprints,
 )
 from dispatcher.durations import format_duration, parse_duration
 from dispatcher.errors import BlueprintError
@@ -676,7 +675,7 @@ def test_each_problem_is_reported_at_its_line(
 
 
 DOCUMENT_CASES: dict[str, tuple[str, str]] = {
-    "unknown kind": ("apiVersion: snaphook.io/v1\nkind: Config  # <-\n", "unknown kind 'Config'"),
+    "unknown kind": ("apiVersion: snaphook.io/v1\nkind: Secret  # <-\n", "unknown kind 'Secret'"),
     "not a mapping": ("- just  # <-\n- a list\n", "must be a mapping"),
     "no apiVersion": ("kind: Blueprint  # <-\nmetadata: {name: x}\n", "missing apiVersion"),
     "unknown version": (
@@ -888,3 +887,10 @@ def test_invalid_durations_are_rejected(bad: Any) -> None:
 def test_durations_format_and_round_trip(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds
+
+
+def test_config_documents_beside_blueprints_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "snaphook.yaml").write_text(
+        "apiVersion: snaphook.io/v1\nkind: Config\nbindings: []\n", encoding="utf-8"
+    )
+    assert validate_blueprints(tmp_path, FunctionRegistry()) == []

@@ -27,8 +27,14 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        line = json.dumps(entry, default=str, ensure_ascii=False)
-        # The one redaction path: whatever a field held, a known secret never leaves.
+        # The one redaction path: whatever a field held, a known secret never leaves. Redact
+        # the values before encoding: JSON escapes quotes, backslashes and control characters,
+        # so a secret holding one would no longer match in the encoded line.
+        line = json.dumps(
+            redactor.redact_obj(entry),
+            default=lambda value: redactor.redact(str(value)),
+            ensure_ascii=False,
+        )
         return redactor.redact(line)
 
 

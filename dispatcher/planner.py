@@ -87,7 +87,10 @@ def _levels(steps: list[StepSpec]) -> dict[str, int]:
 
     def level(name: str) -> int:
         if name not in levels:
-            needs = [n for n in by_name[name].needs if n in by_name]
+            step = by_name[name]
+            # A finalizer's needs on main steps are met by the offset past the main DAG;
+            # only chains among finalizers push it further.
+            needs = [n for n in step.needs if n in by_name and (by_name[n].final or not step.final)]
             levels[name] = 1 + max((level(n) for n in needs), default=-1)
         return levels[name]
 

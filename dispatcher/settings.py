@@ -16,16 +16,19 @@ so it can sit beside blueprints (the blueprint loader skips it)::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from dispatcher.durations import Duration
@@ -60,7 +63,9 @@ class BindingConfig(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SNAPHOOK_", extra="forbid")
+    # validate_by_name: ``sink_url`` is accepted from flags and the file by its name, without
+    # making an unprefixed ``SINK_URL`` environment variable an alias.
+    model_config = SettingsConfigDict(env_prefix="SNAPHOOK_", extra="forbid", validate_by_name=True)
 
     # Set by ``load()`` before construction: the config file's settings, lowest priority.
     _file_values: ClassVar[dict[str, Any]] = {}
@@ -83,23 +88,31 @@ class Settings(BaseSettings):
     lease_reap_interval: Duration = 1.0
 
     sink_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("SNAPHOOK_SINK_URL", "K_SINK", "sink_url")
+        default=None, validation_alias=AliasChoices("SNAPHOOK_SINK_URL", "K_SINK")
     )
     reply_source: str = "snaphook"
     reply_attempts: int = Field(default=5, ge=1, le=50)
 
-    function_modules: list[str] = Field(default_factory=list)
-    env_allow: list[str] | None = None  # names env() may read in templates; None = any
-    webhook_allowed_origins: list[str] | None = None  # None = any origin
+    # NoDecode: the environment source hands these over as raw strings ("a,b" or JSON),
+    # decoded by ``_comma_separated`` rather than by pydantic-settings' JSON-only parsing.
+    function_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # names env() may read in templates; None = any
+    env_allow: Annotated[list[str] | None, NoDecode] = None
+    webhook_allowed_origins: Annotated[list[str] | None, NoDecode] = None  # None = any origin
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("function_modules", "env_allow", "webhook_allowed_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         # Environment variables carry lists as "a,b,c" as well as JSON.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("not a valid JSON list") from None
+        return [item.strip() for item in value.split(",") if item.strip()]
 
     @property
     def journal_path(self) -> Path:
@@ -128,6 +141,8 @@ class Settings(BaseSettings):
             return cls(**given)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, config)) from None
+        except SettingsError as exc:  # e.g. SNAPHOOK_BINDINGS that is not JSON
+            raise ConfigError(f"invalid settings: {exc}") from None
         finally:
             cls._file_values = {}
 

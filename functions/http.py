@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import aiohttp
@@ -11,6 +12,8 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr
 from functions.sdk import Context, PermanentError, RetryableError, function
 
 _MAX_BODY = 64 * 1024  # kept in outputs; larger answers are truncated
+MASK = "**********"  # what a SecretStr serialises to; the dispatcher's redactor uses it too
+_MIN_SECRET = 4  # shorter values would mask innocent text
 
 
 class RequestParams(BaseModel):
@@ -31,6 +34,18 @@ class RequestResult(BaseModel):
     status: int
     body: str
     json_body: Any = Field(default=None, serialization_alias="json")
+
+
+def _mask(text: str, secrets: Iterable[SecretStr]) -> str:
+    """``text`` with every secret header value masked: a peer that echoes what it was sent
+    (an error page, a debug endpoint) must not put the credential into the step outputs."""
+    for secret in secrets:
+        value = secret.get_secret_value()
+        if len(value) >= _MIN_SECRET:
+            # As sent, and as a JSON string would carry it (quotes, backslashes escaped).
+            for form in {value, json.dumps(value)[1:-1]}:
+                text = text.replace(form, MASK)
+    return text
 
 
 def _decode(text: str) -> Any:
@@ -59,7 +74,7 @@ async def request(ctx: Context, p: RequestParams) -> RequestResult:
             status = resp.status
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise RetryableError(f"{p.method} {p.url.host}: {type(exc).__name__}: {exc}") from None
-    text = raw.decode("utf-8", errors="replace")
+    text = _mask(raw.decode("utf-8", errors="replace"), p.secret_headers.values())
     if status not in p.expect_status:
         message = f"{p.method} {p.url.host}{p.url.path or ''} answered {status}"
         raise (RetryableError if status >= 500 or status == 429 else PermanentError)(message)

@@ -116,6 +116,10 @@ def _models_of(fn: Callable[..., Any], name: str) -> tuple[type[BaseModel], type
     if not (isinstance(params_model, type) and issubclass(params_model, BaseModel)):
         raise TypeError(f"function {name!r}: parameter {params[1]!r} must be a pydantic model")
     result = hints.get("return")
+    # ``-> Model | None``: a model, or nothing, as the docstring allows.
+    options = [a for a in typing.get_args(result) if a is not type(None)]
+    if len(options) == 1 and type(None) in typing.get_args(result):
+        result = options[0]
     if result is type(None) or result is None:
         return params_model, None
     if not (isinstance(result, type) and issubclass(result, BaseModel)):

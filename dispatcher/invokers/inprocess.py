@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from dispatcher.invokers import Invocation
 from dispatcher.redaction import redactor
@@ -19,6 +20,31 @@ from functions.sdk import (
 )
 
 log = logging.getLogger("snaphook.functions")
+
+
+class StepLogger(logging.LoggerAdapter[logging.Logger]):
+    """Adds run_id/step/function to every record, keeping the caller's own ``extra``
+    (the stdlib adapter would replace it)."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+def remember_secrets(value: Any) -> None:
+    """Teach the redactor every SecretStr in validated params, so that a function which
+    echoes one into a plain string output or log line cannot leak it."""
+    if isinstance(value, SecretStr | SecretBytes):
+        redactor.add(value)
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            remember_secrets(getattr(value, name))
+    elif isinstance(value, dict):
+        for item in value.values():
+            remember_secrets(item)
+    elif isinstance(value, list | tuple | set):
+        for item in value:
+            remember_secrets(item)
 
 
 def describe_validation(function: str, exc: ValidationError) -> str:
@@ -57,6 +83,7 @@ class InProcessInvoker:
             params = spec.params_model.model_validate(invocation.params)
         except ValidationError as exc:
             raise PermanentError(describe_validation(spec.name, exc)) from None
+        remember_secrets(params)
         ctx = Context(
             event=invocation.event,
             run_id=invocation.run_id,
@@ -65,7 +92,7 @@ class InProcessInvoker:
             deadline=time.monotonic() + invocation.timeout,
             http=self._http,
             secrets=self._secrets,
-            logger=logging.LoggerAdapter(
+            logger=StepLogger(
                 log,
                 {"run_id": invocation.run_id, "step": invocation.step, "function": spec.name},
             ),

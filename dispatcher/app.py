@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from dispatcher import api, ingress
-from dispatcher.bindings import ConfigBindingResolver
+from dispatcher.bindings import ConfigBindingResolver, unknown_bindings
 from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintSet
 from dispatcher.errors import ConfigError, EventError
@@ -46,6 +46,13 @@ def load_functions(extra_modules: list[str]) -> FunctionRegistry:
         except ImportError as exc:
             raise ConfigError(f"function_modules: cannot import {name!r}: {exc}") from None
     return default_registry
+
+
+def check_bindings(settings: Settings, blueprints: BlueprintSet) -> None:
+    """A binding to a blueprint that is not loaded is a startup error, not a 422 later."""
+    problems = unknown_bindings(settings, blueprints.names())
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -86,6 +93,7 @@ def create_app(
     secrets = secrets or EnvSecretResolver()
     engine = TemplateEngine(secrets, env_allow=settings.env_allow)
     blueprints = load_blueprints(settings.hooks, registry, engine=engine)
+    check_bindings(settings, blueprints)
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[problems_middleware]
     )

@@ -7,12 +7,12 @@ the chain that answers wins; within the config file, the first matching binding 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dispatcher.events import HookEvent
-from dispatcher.settings import BindingConfig, BindingMatch
+from dispatcher.settings import BindingConfig, BindingMatch, Settings
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,13 @@ class ChainResolver:
             if binding is not None:
                 return binding
         return None
+
+
+def unknown_bindings(settings: Settings, loaded: Collection[str]) -> list[str]:
+    """One message per config binding that names a blueprint not in ``loaded``."""
+    where = str(settings.config) if settings.config else "settings"
+    return [
+        f"{where}: bindings[{index}]: unknown blueprint {binding.blueprint!r}"
+        for index, binding in enumerate(settings.bindings)
+        if binding.blueprint not in loaded
+    ]

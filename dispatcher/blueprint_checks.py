@@ -97,9 +97,10 @@ class _Checker:
         release, at = step.lease.release, (*at, "lease", "release")
         label += " lease release"
         # The runner passes the lease id to the release function as ``lease``, and its
-        # templates see the lease record (id, outputs) under the same name.
+        # templates see the lease record (id, outputs) under the same name. They render
+        # from what was known when the lease was taken, so other leases are not in scope.
         self._check_call(label, release.function, release.with_, at, implicit=frozenset({"lease"}))
-        scope = dataclasses.replace(scope, names=scope.names | {"lease"})
+        scope = dataclasses.replace(scope, names=(scope.names - {"leases"}) | {"lease"})
         self._check_templates(label, release.with_, (*at, "with"), scope)
 
     def _check_needs(

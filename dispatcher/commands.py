@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from dispatcher.bindings import ConfigBindingResolver
+from dispatcher.bindings import ConfigBindingResolver, unknown_bindings
 from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintErrors
 from dispatcher.cehttp import to_binary_message, to_structured_body
@@ -35,11 +35,7 @@ def validate_all(settings: Settings) -> list[str]:
         return [str(e) for e in exc.errors]
     except BlueprintError as exc:
         return [str(exc)]
-    return [
-        f"{settings.config or 'settings'}: bindings[{i}]: unknown blueprint {b.blueprint!r}"
-        for i, b in enumerate(settings.bindings)
-        if blueprints.get(b.blueprint) is None
-    ]
+    return unknown_bindings(settings, blueprints.names())
 
 
 async def plan_for(settings: Settings, document: Any, blueprint_name: str | None) -> Plan:

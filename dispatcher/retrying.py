@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dispatcher.errors import SnaphookError
 from dispatcher.redaction import redactor
 from functions.sdk import PermanentError, RetryableError
 
@@ -21,7 +22,8 @@ def classify(exc: BaseException, *, timeout: float) -> Failure:
     """Turn whatever an attempt raised into a journal-safe failure."""
     if isinstance(exc, TimeoutError):
         return Failure(f"timed out after {timeout:g}s", retryable=True)
-    if isinstance(exc, PermanentError):
+    if isinstance(exc, PermanentError | SnaphookError):
+        # Our own errors here (a template naming something missing) can't heal by retrying.
         return Failure(redactor.redact(str(exc) or type(exc).__name__), retryable=False)
     if isinstance(exc, RetryableError):
         return Failure(redactor.redact(str(exc) or "retryable error"), True, exc.delay)

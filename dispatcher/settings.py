@@ -71,7 +71,10 @@ class Settings(BaseSettings):
     _file_values: ClassVar[dict[str, Any]] = {}
 
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
+    # PORT is what Knative and most function platforms hand a container.
+    port: int = Field(
+        default=8080, ge=0, le=65535, validation_alias=AliasChoices("SNAPHOOK_PORT", "PORT")
+    )
     state_dir: Path = Path(".snaphook")
     hooks: Path = Path("hooks")
     config: Path | None = None
@@ -85,7 +88,7 @@ class Settings(BaseSettings):
     shutdown_grace: Duration = 10.0
 
     journal_sync: Literal["full", "normal"] = "full"
-    lease_reap_interval: Duration = 1.0
+    lease_reap_interval: Annotated[Duration, Field(ge=0.01)] = 1.0
 
     sink_url: str | None = Field(
         default=None, validation_alias=AliasChoices("SNAPHOOK_SINK_URL", "K_SINK")
@@ -170,6 +173,18 @@ def _describe(exc: ValidationError, config: Path | None) -> str:
     where = f" in {config}" if config is not None else ""
     lines = [f"invalid settings{where}:"]
     for error in exc.errors(include_input=False, include_url=False):
-        field = ".".join(str(part) for part in error["loc"]) or "(root)"
+        loc = [str(part) for part in error["loc"]]
+        if loc:
+            loc[0] = _field_of_alias(loc[0])
+        field = ".".join(loc) or "(root)"
         lines.append(f"  {field}: {error['msg']}")
     return "\n".join(lines)
+
+
+def _field_of_alias(name: str) -> str:
+    """``SNAPHOOK_PORT``/``PORT`` → ``port``: errors name the setting, whichever source set it."""
+    for field_name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices) and name in alias.choices:
+            return field_name
+    return name

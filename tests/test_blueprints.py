@@ -609,6 +609,19 @@ CASES: dict[str, tuple[str, str]] = {
 """,
         "no step named 'a' takes a lease in this blueprint",
     ),
+    "other leases inside a release": (
+        """
+  actions:
+    backup.pre:
+      - name: a
+        function: db.freeze
+        with: {dsn: x}
+        lease:
+          ttl: 1m
+          release: {function: db.thaw, with: {lease: "{{ leases.a }}"}}  # <-
+""",
+        "unknown name 'leases'",
+    ),
     "outcome in a pre phase": (
         """
   actions:

@@ -232,3 +232,22 @@ def test_wrong_api_version_or_kind(tmp_path: Path, header: str) -> None:
     expected = re.escape("expected apiVersion snaphook.io/v1, kind Config")
     with pytest.raises(ConfigError, match=expected):
         Settings.load(path)
+
+
+def test_knative_port_env_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "9123")
+    assert Settings.load(None).port == 9123
+    monkeypatch.setenv("SNAPHOOK_PORT", "9124")
+    assert Settings.load(None).port == 9124
+
+
+def test_binding_to_an_unloaded_blueprint_fails_startup(tmp_path: Path) -> None:
+    from dispatcher.app import create_app
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    settings = Settings.load(
+        None, hooks=hooks, state_dir=tmp_path / "s", bindings=[{"blueprint": "ghost"}]
+    )
+    with pytest.raises(ConfigError, match="bindings\\[0\\]: unknown blueprint 'ghost'"):
+        create_app(settings)

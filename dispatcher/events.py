@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from dispatcher.cehttp import extensions_of
 from dispatcher.errors import EventError
 
 TYPE_PREFIX = "io.snaphook."
 NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$"
+MAX_PARAMS_DEPTH = 32  # levels of nesting in data.params, counting params itself
 
 
 class Phase(enum.StrEnum):
@@ -89,6 +99,25 @@ class HookEventData(_Strict):
         if len(self.params) > 256:
             raise ValueError("params: at most 256 entries")
         return self
+
+    @field_validator("params")
+    @classmethod
+    def _params_are_plain_json(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # Deep nesting would break serialising the run (a 500), and a number literal too
+        # large for a float (1e999) would be stored as Infinity, which is not JSON.
+        level: list[Any] = [params]
+        for _ in range(MAX_PARAMS_DEPTH):
+            if any(isinstance(v, float) and not math.isfinite(v) for v in level):
+                raise ValueError("numbers must be finite")
+            level = [
+                child
+                for v in level
+                if isinstance(v, dict | list)
+                for child in (v.values() if isinstance(v, dict) else v)
+            ]
+            if not level:
+                return params
+        raise ValueError(f"nested more than {MAX_PARAMS_DEPTH} levels deep")
 
 
 @dataclass(frozen=True)
@@ -183,16 +212,6 @@ def hook_event_from(attributes: Mapping[str, Any], data: Any) -> HookEvent:
             f"data.outcome is required on {phase} events (succeeded, failed or partial)",
             field="data.outcome",
         )
-    core = {
-        "specversion",
-        "id",
-        "source",
-        "type",
-        "subject",
-        "time",
-        "datacontenttype",
-        "dataschema",
-    }
     return HookEvent(
         id=str(attributes["id"]),
         source=str(attributes["source"]),
@@ -202,7 +221,8 @@ def hook_event_from(attributes: Mapping[str, Any], data: Any) -> HookEvent:
         target=model.target or target,
         data=model,
         time=attributes.get("time") if isinstance(attributes.get("time"), datetime) else None,
-        extensions={k: str(v) for k, v in attributes.items() if k not in core},
+        # Canonical strings (a Boolean is "true", not Python's "True").
+        extensions=extensions_of(attributes),
     )
 
 

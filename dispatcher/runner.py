@@ -189,7 +189,7 @@ class Runner:
         log.info("run started", extra=ex.log_fields(blueprint=run.blueprint))
         for step in steps:
             if step.status is StepStatus.RUNNING:
-                await self._set_step(ex, step.name, status=StepStatus.FAILED, error=INTERRUPTED)
+                await self._step_failed(ex, plan.step(step.name), INTERRUPTED)
         await self._load_leases(ex)
         return ex
 

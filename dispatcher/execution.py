@@ -23,6 +23,9 @@ class Execution:
     claimed: dict[str, list[LeaseRecord]] = field(default_factory=dict)  # by releasing step
     lease_errors: list[str] = field(default_factory=list)
     release_functions: dict[str, str] = field(default_factory=dict)  # lease step → release fn
+    all_leases: list[LeaseRecord] = field(default_factory=list)  # every lease, oldest first
+    starting: bool = False  # the run is still "accepted": mark it running with the first step
+    decision_pending: bool = False  # allowed is decided in memory, written with the final state
 
     @cached_property
     def event(self) -> EventInfo:

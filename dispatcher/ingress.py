@@ -58,27 +58,23 @@ def _parse_wait(raw: str, field: str, cap: float) -> float:
 
 
 def preferences(request: web.Request, cap: float) -> Preferences:
-    """``?wait=`` wins over ``Prefer: wait=``; ``respond-async`` turns waiting off."""
-    tokens = [
-        token.strip()
-        for header in request.headers.getall("Prefer", [])
-        for token in header.split(",")
-        if token.strip()
-    ]
+    """Read ``Prefer`` (RFC 7240: unordered, parameters after ``;`` ignored) and ``?wait=``.
+
+    ``?wait=`` wins over ``Prefer: wait=``. ``respond-async`` alone means answer at once;
+    beside ``wait`` it means "wait that long, then answer" — which is what waiting does.
+    """
+    prefs: dict[str, str] = {}
+    for header in request.headers.getall("Prefer", []):
+        for token in header.split(","):
+            name, _, value = token.split(";", 1)[0].partition("=")
+            if name.strip():
+                prefs[name.strip().lower()] = value.strip().strip('"')
     wait: float | None = None
-    reply = False
-    for token in tokens:
-        name, _, value = token.partition("=")
-        name = name.strip().lower()
-        if name == "wait" and value:
-            wait = _parse_wait(value.strip().strip('"'), "Prefer: wait", cap)
-        elif name == "reply":
-            reply = True
-        elif name == "respond-async":
-            wait = None
+    if prefs.get("wait"):
+        wait = _parse_wait(prefs["wait"], "Prefer: wait", cap)
     if "wait" in request.query:
         wait = _parse_wait(request.query["wait"], "wait", cap)
-    return Preferences(wait=wait, reply=reply)
+    return Preferences(wait=wait, reply="reply" in prefs)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -136,7 +132,9 @@ async def _batch(state: AppState, events: list[ParsedEvent], prefs: Preferences)
     results = list(await asyncio.gather(*(settle(p) for p in events)))
     status = 200 if prefs.wait is not None else 202
     if results and all("run_id" not in r for r in results):
-        status = min(int(r["status"]) for r in results)
+        statuses = {int(r["status"]) for r in results}
+        # Nothing accepted: answer so the sender retries if any of it is worth retrying.
+        status = 503 if 503 in statuses else min(statuses)
     return web.json_response(results, status=status)
 
 

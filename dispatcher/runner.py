@@ -9,6 +9,7 @@ retry continues with its next attempt, and the run's finalizers still run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -68,15 +69,25 @@ class Runner:
         self._sleep = sleep
         self._rng = rng
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._fresh: dict[str, tuple[RunRecord, list[StepRecord]]] = {}
+        self._executions: dict[str, Execution] = {}
         self._decided: dict[str, asyncio.Event] = {}
         self._finished: dict[str, asyncio.Event] = {}
 
     # -- public interface -------------------------------------------------------------
 
-    def submit(self, run_id: str) -> None:
-        """Start executing a journaled run (no-op if it is already executing)."""
+    def submit(
+        self, run_id: str, *, fresh: tuple[RunRecord, list[StepRecord]] | None = None
+    ) -> None:
+        """Start executing a journaled run (no-op if it is already executing).
+
+        ``fresh`` is the run and steps just accepted: handing them over in memory saves
+        re-reading what was written a moment ago.
+        """
         if run_id in self._tasks:
             return
+        if fresh is not None:
+            self._fresh[run_id] = fresh
         task = asyncio.create_task(self._guarded(run_id), name=f"run {run_id}")
         self._tasks[run_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(run_id, None))
@@ -94,6 +105,26 @@ class Runner:
 
     async def wait_final(self, run_id: str, timeout: float) -> RunRecord | None:
         return await self._wait(self._finished, run_id, timeout, lambda r: r.status.final)
+
+    async def settle(self, run_id: str, allowed: bool, reason: str) -> RunRecord | None:
+        """Make an answer already given (on a decision timeout) the run's decision.
+
+        A caller told "denied" will neither snapshot nor send the post event, so the run
+        must stop and release what it froze; told "allowed", the run simply goes on.
+        Returns the run; a decision that landed first wins and is returned instead.
+        """
+        ex = self._executions.get(run_id)
+        if ex is not None:
+            if ex.run.allowed is None:
+                await self._record_decision(ex, allowed, reason)
+            return ex.run
+        run = await self._journal.get_run(run_id)
+        if run is not None and run.allowed is None and not run.status.final:
+            # Not executing yet (waiting for a slot): it will start, see the decision and,
+            # if denied, skip its main steps.
+            await self._journal.update_run(run_id, allowed=allowed, reason=reason)
+            run.allowed, run.reason = allowed, reason
+        return run
 
     async def close(self, grace: float) -> None:
         """Let running runs finish for ``grace`` seconds, then cancel the rest.
@@ -151,7 +182,8 @@ class Runner:
             log.exception("run aborted; it will resume from the journal", extra={"run_id": run_id})
 
     async def _execute(self, run_id: str) -> None:
-        run = await self._journal.get_run(run_id)
+        fresh = self._fresh.pop(run_id, None)
+        run = fresh[0] if fresh is not None else await self._journal.get_run(run_id)
         if run is None or run.status.final:
             self._signal(self._decided, run_id)
             self._signal(self._finished, run_id)
@@ -161,14 +193,24 @@ class Runner:
         if blueprint is None or phase is None:
             await self._abandon(run, f"blueprint {run.blueprint!r} is no longer loaded")
             return
-        ex = await self._prepare(run, blueprint, phase)
-        await self._run_main(ex)
-        await self._decide(ex)
-        await self._run_finalizers(ex)
-        await self._end_leases(ex)
-        await self._finish(ex)
+        ex = await self._prepare(run, blueprint, phase, fresh[1] if fresh else None)
+        self._executions[run_id] = ex
+        try:
+            await self._run_main(ex)
+            await self._decide(ex)
+            await self._run_finalizers(ex)
+            await self._end_leases(ex)
+            await self._finish(ex)
+        finally:
+            self._executions.pop(run_id, None)
 
-    async def _prepare(self, run: RunRecord, blueprint: Blueprint, phase: Phase) -> Execution:
+    async def _prepare(
+        self,
+        run: RunRecord,
+        blueprint: Blueprint,
+        phase: Phase,
+        fresh_steps: list[StepRecord] | None,
+    ) -> Execution:
         plan = make_plan(
             blueprint,
             phase,
@@ -176,7 +218,13 @@ class Runner:
             failure_policy=run.failure_policy,
             timeout=run.decision_timeout or 30.0,
         )
-        steps = await self._journal.get_steps(run.run_id)
+        steps = fresh_steps
+        if steps is None:
+            steps = await self._journal.get_steps(run.run_id)
+        # A resumed run re-teaches the redactor its secret params (the process is new);
+        # a blueprint edited since may no longer accept them, which is fine here.
+        with contextlib.suppress(ValueError):
+            blueprint.resolve_params(run.params)
         ex = Execution(
             run=run,
             plan=plan,
@@ -184,17 +232,18 @@ class Runner:
             release_functions=blueprint.release_functions(),
         )
         if run.status is RunStatus.ACCEPTED:
-            await self._journal.update_run(run.run_id, status=RunStatus.RUNNING)
-            run.status = RunStatus.RUNNING
+            # Written together with the first step's "running" record (same group commit).
+            ex.starting = True
         log.info("run started", extra=ex.log_fields(blueprint=run.blueprint))
+        await self._load_leases(ex, fresh=fresh_steps is not None)
         for step in steps:
             if step.status is StepStatus.RUNNING:
                 await self._step_failed(ex, plan.step(step.name), INTERRUPTED)
-        await self._load_leases(ex)
         return ex
 
-    async def _load_leases(self, ex: Execution) -> None:
-        own = await self._journal.find_leases(run_id=ex.run.run_id)
+    async def _load_leases(self, ex: Execution, *, fresh: bool) -> None:
+        # A run accepted a moment ago has taken no lease yet.
+        own = [] if fresh else await self._journal.find_leases(run_id=ex.run.run_id)
         inherited: list[LeaseRecord] = []
         if ex.plan.phase.is_post:
             inherited = [
@@ -202,8 +251,10 @@ class Runner:
                 for lease in await self._journal.find_leases(target=ex.run.subject)
                 if lease.backup_id == ex.backup_id and lease.run_id != ex.run.run_id
             ]
+        # Oldest first: ``leases.<step>`` shows the newest, but every one is released.
         for lease in [*inherited, *own]:
             ex.leases[lease.step] = lease
+            ex.all_leases.append(lease)
             ex.lease_outputs[lease.lease_id] = await self._outputs_of(lease)
 
     async def _outputs_of(self, lease: LeaseRecord) -> dict[str, Any]:
@@ -216,6 +267,7 @@ class Runner:
         await self._journal.update_run(
             run.run_id, status=RunStatus.FAILED, allowed=False, reason=reason
         )
+        run.status, run.allowed, run.reason = RunStatus.FAILED, False, reason
         self._signal(self._decided, run.run_id)
         leases = await self._journal.find_leases(run_id=run.run_id)
         try:
@@ -269,13 +321,7 @@ class Runner:
         attempt = ex.steps[spec.name].attempts
         while True:
             attempt += 1
-            await self._set_step(
-                ex,
-                spec.name,
-                status=StepStatus.RUNNING,
-                attempts=attempt,
-                started_at=ex.steps[spec.name].started_at or self._clock(),
-            )
+            await self._mark_running(ex, spec.name, attempt)
             log.info("step started", extra=ex.log_fields(step=spec.name, attempt=attempt))
             started = time.monotonic()
             try:
@@ -303,6 +349,7 @@ class Runner:
                 # Journaled before the function runs: a crash mid-freeze still leaves a lease.
                 lease = await self._leases.take(ex.run, spec.name, spec.lease, scope)
                 ex.leases[spec.name] = lease
+                ex.all_leases.append(lease)
             lease_id = lease.lease_id
         await self._claim_releases(ex, planned)
         invocation = Invocation(
@@ -394,9 +441,11 @@ class Runner:
         """Post phase: release what the steps did not. Failed run: release what it took."""
         targets: list[LeaseRecord] = []
         if ex.plan.phase.is_post:
-            targets += [lease for lease in ex.leases.values() if lease.run_id != ex.run.run_id]
+            targets += [lease for lease in ex.all_leases if lease.run_id != ex.run.run_id]
         if ex.failed:
-            targets += [lease for lease in ex.leases.values() if lease.run_id == ex.run.run_id]
+            targets += [lease for lease in ex.all_leases if lease.run_id == ex.run.run_id]
+        if not targets:
+            return
         by = f"post:{ex.run.run_id}" if ex.plan.phase.is_post else "run-failed"
         fresh = [await self._journal.get_lease(lease.lease_id) for lease in targets]
         await self._release_quietly([lease for lease in fresh if lease is not None], by, ex)
@@ -404,13 +453,24 @@ class Runner:
     # -- decision and end -------------------------------------------------------------------
 
     async def _decide(self, ex: Execution) -> None:
-        if ex.run.allowed is None:
-            count = len(ex.plan.main)
-            await self._record_decision(ex, True, f"{count} step(s) succeeded")
+        if ex.run.allowed is not None:
+            return
+        statuses = [ex.steps[p.name].status for p in ex.plan.main]
+        done = statuses.count(StepStatus.SUCCEEDED)
+        reason = f"{done} step(s) succeeded"
+        if len(statuses) > done:
+            reason += f", {len(statuses) - done} skipped or tolerated"
+        if not ex.plan.finalizers and not ex.all_leases:
+            # Nothing runs after the decision: _finish writes both at once.
+            ex.run.allowed, ex.run.reason = True, reason
+            ex.decision_pending = True
+            return
+        await self._record_decision(ex, True, reason)
 
     async def _record_decision(self, ex: Execution, allowed: bool, reason: str) -> None:
-        await self._journal.update_run(ex.run.run_id, allowed=allowed, reason=reason)
+        # Set in memory before the write: a concurrent settle() sees it at once.
         ex.run.allowed, ex.run.reason = allowed, reason
+        await self._journal.update_run(ex.run.run_id, allowed=allowed, reason=reason)
         log.info("phase decided", extra=ex.log_fields(allowed=allowed, reason=reason))
         self._signal(self._decided, ex.run.run_id)
 
@@ -423,18 +483,41 @@ class Runner:
             reason += "; lease release failed: " + "; ".join(ex.lease_errors)
         ok = not ex.failed and not failed_final and not ex.lease_errors
         status = RunStatus.SUCCEEDED if ok else RunStatus.FAILED
-        await self._journal.update_run(ex.run.run_id, status=status, reason=reason)
+        changes: dict[str, Any] = {"status": status, "reason": reason}
+        if ex.decision_pending:
+            changes["allowed"] = ex.run.allowed
+            log.info("phase decided", extra=ex.log_fields(allowed=ex.run.allowed, reason=reason))
+        await self._journal.update_run(ex.run.run_id, **changes)
         ex.run.status, ex.run.reason = status, reason
-        await self._complete(ex.run)
+        await self._complete(ex.run, list(ex.steps.values()))
 
-    async def _complete(self, run: RunRecord) -> None:
-        fresh = await self._journal.get_run(run.run_id) or run
-        self._metrics.runs.labels(outcome=fresh.status.value).inc()
-        log.info("run finished", extra={"run_id": run.run_id, "status": fresh.status.value})
+    async def _complete(self, run: RunRecord, steps: list[StepRecord] | None = None) -> None:
+        self._metrics.runs.labels(outcome=run.status.value).inc()
+        log.info("run finished", extra={"run_id": run.run_id, "status": run.status.value})
         self._signal(self._decided, run.run_id)
         self._signal(self._finished, run.run_id)
         if self._on_final is not None:
-            await self._on_final(fresh, await self._journal.get_steps(run.run_id))
+            if steps is None:
+                steps = await self._journal.get_steps(run.run_id)
+            await self._on_final(run, steps)
+
+    async def _mark_running(self, ex: Execution, name: str, attempt: int) -> None:
+        step_write = self._set_step(
+            ex,
+            name,
+            status=StepStatus.RUNNING,
+            attempts=attempt,
+            started_at=ex.steps[name].started_at or self._clock(),
+        )
+        if not ex.starting:
+            await step_write
+            return
+        ex.starting = False
+        ex.run.status = RunStatus.RUNNING
+        # Both land in one group commit: one disk sync on the way to the first step.
+        await asyncio.gather(
+            self._journal.update_run(ex.run.run_id, status=RunStatus.RUNNING), step_write
+        )
 
     async def _set_step(self, ex: Execution, name: str, **changes: Any) -> None:
         await self._journal.update_step(ex.run.run_id, name, **changes)

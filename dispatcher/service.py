@@ -95,10 +95,14 @@ class Dispatcher:
 
     async def accept(self, event: HookEvent) -> Accepted:
         """Journal the event's run (durably) and start it; idempotent on (source, id)."""
-        existing = await self._existing(event)
-        if existing is not None:
+        try:
+            _, run, steps = await self.bind(event)
+        except EventError:
+            # A redelivery is answered from the journal even if bindings changed since.
+            existing = await self._existing(event)
+            if existing is None:
+                raise
             return existing
-        _, run, steps = await self.bind(event)
         try:
             stored, created = await self.journal.accept(run, steps)
         except JournalError:
@@ -112,14 +116,12 @@ class Dispatcher:
         if created:
             self._metrics.events_accepted.labels(type=event.type).inc()
             log.info("event accepted", extra=_fields(stored, event))
-            self.runner.submit(stored.run_id)
+            self.runner.submit(stored.run_id, fresh=(stored, steps))
         else:
             self._metrics.events_duplicate.inc()
         return Accepted(stored, created)
 
     async def _existing(self, event: HookEvent) -> Accepted | None:
-        # Cheap path for redeliveries: answer from the journal before binding again, so a
-        # retried event is answered the same way even if bindings changed in between.
         run = await self.journal.find_run(event.source, event.id)
         if run is None:
             return None
@@ -132,13 +134,14 @@ class Dispatcher:
         current = await self.runner.wait_decision(run.run_id, waited) or run
         steps = await self.journal.get_steps(run.run_id)
         if current.allowed is None:
-            allowed = current.failure_policy == "ignore"
+            policy_allows = current.failure_policy == "ignore"
             reason = (
                 f"no decision within {waited:g}s; failure_policy={current.failure_policy} "
-                f"→ {'allowed' if allowed else 'denied'} (the run continues)"
+                f"→ {'allowed, the run goes on' if policy_allows else 'denied, the run stops'}"
             )
-        else:
-            allowed, reason = current.allowed, current.reason
+            # The answer given becomes the decision (unless one landed just now).
+            current = await self.runner.settle(run.run_id, policy_allows, reason) or current
+        allowed, reason = bool(current.allowed), current.reason
         return {
             "allowed": allowed,
             "reason": reason,

@@ -349,6 +349,10 @@ async def test_malformed_batch_element_is_rejected_naming_its_index(h: Harness) 
             lambda r: with_headers(r, Prefer='respond-async, wait="5"'),
             id="prefer-respond-async-with-wait",
         ),
+        pytest.param(
+            lambda r: with_headers(r, Prefer="wait=5; x=1, respond-async"),
+            id="prefer-unordered-with-parameters",
+        ),
     ],
 )
 async def test_sync_answer_allows_when_every_step_succeeds(h: Harness, ask: Any) -> None:
@@ -374,10 +378,15 @@ async def test_sync_answer_denies_naming_the_failed_step(h: Harness) -> None:
     assert steps["refuse"]["status"] == "failed" and steps["refuse"]["error"]
 
 
-@pytest.mark.parametrize("policy, allowed", [("fail", False), ("ignore", True)])
-async def test_sync_timeout_follows_failure_policy_and_run_goes_on(
-    h: Harness, policy: str, allowed: bool
+@pytest.mark.parametrize(
+    "policy, allowed, outcome", [("fail", False, "failed"), ("ignore", True, "succeeded")]
+)
+async def test_sync_timeout_follows_failure_policy(
+    h: Harness, policy: str, allowed: bool, outcome: str
 ) -> None:
+    """The answer given on timeout becomes the run's decision: a caller told "denied"
+    won't snapshot nor send a post event, so the run stops (and releases what it froze);
+    told "allowed", the run goes on. The step already in flight finishes either way."""
     request = structured(subject=f"slow-{policy}/Deployment/db")
     started = time.monotonic()
     answer = await call(h, "POST", **with_query(request, wait="0.3"))
@@ -389,7 +398,8 @@ async def test_sync_timeout_follows_failure_policy_and_run_goes_on(
     assert body["status"] in ("accepted", "running")
     assert elapsed < 1.5  # answered at the deadline, not when the 2 s step finished
     run = await h.final(body["run_id"])
-    assert run["status"] == "succeeded"
+    assert (run["status"], run["allowed"]) == (outcome, allowed)
+    assert f"failure_policy={policy}" in run["reason"]
     assert h.recorder.effects == {f"{body['run_id']}/crawl": 1}
 
 

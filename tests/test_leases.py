@@ -91,7 +91,7 @@ async def test_reaper_releases_after_ttl_when_post_never_comes(harness: HarnessF
     assert h.recorder.frozen == {"orders": True}
     for _ in range(200):
         [lease] = await leases_of(h, pre["run_id"])
-        if lease["status"] != "open":
+        if lease["status"] in ("released", "failed"):
             break
         await asyncio.sleep(0.02)
     assert (lease["status"], lease["released_by"]) == ("released", "reaper")
@@ -157,3 +157,19 @@ async def test_post_without_a_pre_has_nothing_to_thaw(harness: HarnessFactory) -
     thaw = next(s for s in run["steps"] if s["name"] == "thaw")
     assert thaw["status"] == "skipped" and "no lease freeze" in thaw["error"]
     assert h.recorder.thawed_by == []
+
+
+async def test_denied_on_timeout_stops_the_run_and_thaws(harness: HarnessFactory) -> None:
+    more = "      - {name: dump, function: test.effect, needs: [freeze], with: {seconds: 1}}\n"
+    more += "      - {name: verify, function: test.effect, needs: [dump]}\n"
+    bindings = [{"blueprint": "bp", "match": {"namespace": "ns"}, "failure_policy": "fail"}]
+    h = await harness({"bp": blueprint(more=more)}, bindings=bindings)
+    pre = await h.emit("backup.pre", wait=0.3)
+    assert pre["allowed"] is False and "no decision within 0.3s" in pre["reason"]
+    run = await h.final(pre["run_id"])
+    steps = {s["name"]: s["status"] for s in run["steps"]}
+    # dump was in flight and finishes; nothing after it starts; the freeze is undone.
+    assert steps == {"freeze": "succeeded", "dump": "succeeded", "verify": "skipped"}
+    [lease] = await leases_of(h, pre["run_id"])
+    assert (lease["status"], lease["released_by"]) == ("released", "run-failed")
+    assert h.recorder.frozen == {"orders": False}

@@ -63,17 +63,26 @@ def serve(
     config: Path | None,
 ) -> None:
     """Run the dispatcher (embedded SQLite journal in the state directory)."""
-    from aiohttp import web
-
     from dispatcher.app import create_app
     from dispatcher.logs import configure_logging
 
     settings = load_settings(config, host=host, port=port, state_dir=state_dir, hooks=hooks)
-    configure_logging(settings.log_level)
+    stop_logging = configure_logging(settings.log_level, background=True)
     try:
         app = create_app(settings)
     except SnaphookError as exc:
+        stop_logging()
         fail(str(exc), 1)
+    try:
+        _run(app, settings)
+    finally:
+        stop_logging()
+
+
+def _run(app: Any, settings: Settings) -> None:
+    from aiohttp import web
+
+    # run_app handles SIGTERM/SIGINT: stop accepting, then the app's cleanup drains runs.
     web.run_app(
         app,
         host=settings.host,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import queue
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -38,11 +41,34 @@ class JsonFormatter(logging.Formatter):
         return redactor.redact(line)
 
 
-def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+class _DeferredQueueHandler(logging.handlers.QueueHandler):
+    """Queue records unformatted: JSON encoding and redaction happen on the listener's
+    thread, not on the event loop (the stdlib handler formats before queueing)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+
+def configure_logging(
+    level: str = "info", stream: TextIO | None = None, *, background: bool = False
+) -> Callable[[], None]:
+    """Log JSON lines to ``stream``; returns a function that flushes and stops logging.
+
+    With ``background`` the lines are written by a listener thread, so a busy dispatcher's
+    event loop does not pay for encoding, redaction and the write itself.
+    """
+    handler: logging.Handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    stop: Callable[[], None] = handler.flush
+    if background:
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+        listener.start()
+        handler, stop = _DeferredQueueHandler(records), listener.stop
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # aiohttp's access log duplicates our own lines; keep only its warnings.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return stop

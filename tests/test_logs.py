@@ -137,3 +137,21 @@ def test_url_passwords_are_masked(stream: io.StringIO) -> None:
 def test_url_without_password_is_untouched(stream: io.StringIO) -> None:
     logging.getLogger("snaphook.test").info("see https://example.com:8443/x and a@b")
     assert lines(stream)[0]["msg"] == "see https://example.com:8443/x and a@b"
+
+
+def test_background_logging_writes_redacted_lines_off_the_caller_thread() -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    out = io.StringIO()
+    token = secret()
+    redactor.add(token)
+    stop = configure_logging("info", stream=out, background=True)
+    try:
+        logging.getLogger("snaphook.test").info("token %s", token, extra={"run_id": "r1"})
+    finally:
+        stop()  # flushes the queue
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    [entry] = lines(out)
+    assert entry["msg"] == f"token {MASK}" and entry["run_id"] == "r1"
+    assert token not in out.getvalue()

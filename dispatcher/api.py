@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dispatcher.errors import EventError
 from dispatcher.journal import LeaseRecord, RunRecord, RunStatus, StepRecord
+from dispatcher.redaction import redactor
 from dispatcher.state import STATE
 
 MAX_LIMIT = 1000
@@ -100,13 +101,16 @@ async def get_run(request: web.Request) -> web.Response:
         raise EventError(404, "Not Found", f"no run {run_id[:80]!r}", field="run_id")
     steps = await state.journal.get_steps(run_id)
     leases = await state.journal.find_leases(run_id=run_id)
+    blueprint = state.blueprints.get(run.blueprint)
+    params = blueprint.masked_params(run.params) if blueprint is not None else run.params
     body = run_json(run) | {
         "event": run.event,
-        "params": run.params,
+        "params": params,
         "steps": [step_json(s) for s in steps],
         "leases": [lease_json(lease) for lease in leases],
     }
-    return web.json_response(body)
+    # Whatever else a known secret slipped into, the one redaction path masks it.
+    return web.json_response(redactor.redact_obj(body))
 
 
 async def healthz(request: web.Request) -> web.Response:

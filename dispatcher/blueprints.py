@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 from dispatcher.durations import Duration
 from dispatcher.errors import BlueprintError
 from dispatcher.events import Phase
-from dispatcher.redaction import redactor
+from dispatcher.redaction import MASK, redactor
 
 __all__ = [
     "API_VERSION",
@@ -268,6 +268,16 @@ class Blueprint(_Model):
         if problems:
             raise ValueError("; ".join(problems))
         return resolved
+
+    def masked_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` with the values of ``secret: true`` params masked, for display."""
+        declared = self.spec.params
+        return {
+            name: MASK
+            if name in declared and declared[name].secret and value is not None
+            else value
+            for name, value in params.items()
+        }
 
 
 class BlueprintErrors(BlueprintError):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.bindings import Binding, BindingResolver
-from dispatcher.blueprints import BlueprintSet
+from dispatcher.blueprints import Blueprint, BlueprintSet
 from dispatcher.errors import EventError, JournalError
 from dispatcher.events import HookEvent
 from dispatcher.journal import Journal, RunRecord, RunStatus, StepRecord
@@ -84,7 +84,7 @@ class Dispatcher:
             status=RunStatus.ACCEPTED,
             created_at=now,
             updated_at=now,
-            event=event.to_json(),
+            event=_masked_event(event, blueprint),
             params=params,
             decision_timeout=binding.timeout,
         )
@@ -170,3 +170,12 @@ def _fields(run: RunRecord, event: HookEvent) -> dict[str, Any]:
         "subject": event.subject,
         "blueprint": run.blueprint,
     }
+
+
+def _masked_event(event: HookEvent, blueprint: Blueprint) -> dict[str, Any]:
+    """The event as recorded in the run: secret params never reach the run record."""
+    body = event.to_json()
+    data = body.get("data") or {}
+    if data.get("params"):
+        data["params"] = blueprint.masked_params(data["params"])
+    return body

@@ -10,7 +10,7 @@ import pytest
 
 from dispatcher.journal import StepStatus
 from dispatcher.retrying import backoff_delay
-from tests.conftest import HarnessFactory
+from tests.conftest import HarnessFactory, event_json
 
 
 def blueprint(steps: str, *, phase: str = "backup.pre", extra: str = "") -> str:
@@ -277,3 +277,26 @@ async def test_restart_resumes_a_run_that_had_not_started(
     )
     run = await second.final(queued)
     assert run["status"] == "succeeded" and by_name(run)["gate"]["attempts"] == 1
+
+
+async def test_secret_params_are_masked_in_run_records(harness: HarnessFactory) -> None:
+    bp = """
+apiVersion: snaphook.io/v1
+kind: Blueprint
+metadata: {name: bp}
+spec:
+  params:
+    token: {type: string, secret: true, required: true}
+  actions:
+    backup.pre:
+      - {name: say, function: notify.log, with: {message: "token={{ params.token }}"}}
+"""
+    h = await harness({"bp": bp})
+    token = "tok-7c1d0b2e-never-shown"
+    data = {"backup": {"name": "n", "id": "1"}, "params": {"token": token}}
+    resp = await h.send(event_json(data=data))
+    run = await h.final((await resp.json())["run_id"])
+    assert run["params"] == {"token": "**********"}
+    assert run["event"]["data"]["params"] == {"token": "**********"}
+    assert by_name(run)["say"]["outputs"] == {"message": "token=**********"}
+    assert token not in str(run)

@@ -376,6 +376,18 @@ def to_structured_body(attributes: dict[str, Any], data: Any) -> bytes:
     return to_structured(CloudEvent(attrs, event_data), JSONFormat()).body
 
 
+def encode_event(
+    event: Mapping[str, Any], mode: str = "structured"
+) -> tuple[dict[str, str], bytes]:
+    """Headers and body to POST a structured-JSON-shaped ``event`` in ``mode``
+    (``structured`` or ``binary``)."""
+    attributes = {name: value for name, value in event.items() if name != "data"}
+    if mode == "binary":
+        return to_binary_message(attributes, event.get("data"))
+    body = to_structured_body(attributes, event.get("data"))
+    return {"Content-Type": STRUCTURED_TYPE}, body
+
+
 # --- webhook abuse protection ------------------------------------------------------------
 
 

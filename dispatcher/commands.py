@@ -10,7 +10,7 @@ import aiohttp
 from dispatcher.bindings import ConfigBindingResolver, unknown_bindings
 from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintErrors
-from dispatcher.cehttp import to_binary_message, to_structured_body
+from dispatcher.cehttp import encode_event
 from dispatcher.errors import BlueprintError, EventError, SnaphookError
 from dispatcher.events import hook_event_from
 from dispatcher.planner import Plan, make_plan
@@ -76,12 +76,7 @@ async def send_event(
     url: str, event: dict[str, Any], *, wait: float | None, mode: str, timeout: float | None
 ) -> tuple[int, Any]:
     """POST one event; returns (exit code, answer). 0 allowed/accepted, 1 denied, 2 error."""
-    attributes = {k: v for k, v in event.items() if k != "data"}
-    if mode == "binary":
-        headers, body = to_binary_message(attributes, event["data"])
-    else:
-        headers = {"Content-Type": "application/cloudevents+json"}
-        body = to_structured_body(attributes, event["data"])
+    headers, body = encode_event(event, mode)
     params = {"wait": f"{wait:g}"} if wait is not None else {}
     client_timeout = aiohttp.ClientTimeout(total=timeout or (wait or 0) + 10)
     try:

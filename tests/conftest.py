@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from dispatcher.app import create_app
-from dispatcher.cehttp import to_binary_message, to_structured_body
+from dispatcher.cehttp import encode_event
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
 from tests.hookfns import Recorder, fresh
@@ -65,12 +65,7 @@ class Harness:
         headers: dict[str, str] | None = None,
         path: str = "/v1/events",
     ) -> aiohttp.ClientResponse:
-        attributes = {k: v for k, v in event.items() if k != "data"}
-        if mode == "binary":
-            hdrs, body = to_binary_message(attributes, event["data"])
-        else:
-            hdrs = {"Content-Type": "application/cloudevents+json"}
-            body = to_structured_body(attributes, event["data"])
+        hdrs, body = encode_event(event, mode)
         hdrs.update(headers or {})
         params = {"wait": str(wait)} if wait is not None else {}
         return await self.client.post(path, data=body, headers=hdrs, params=params)

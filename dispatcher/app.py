@@ -29,7 +29,7 @@ from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
 from dispatcher.templating import TemplateEngine
-from functions.sdk import FunctionRegistry, SecretResolver, default_registry
+from functions.sdk import FunctionRegistry, ObjectStore, SecretResolver, default_registry
 
 log = logging.getLogger("snaphook.app")
 
@@ -116,7 +116,8 @@ def _lifecycle(
         journal = SQLiteJournal(settings.journal_path, synchronous=settings.journal_sync)
         await journal.open()
         http = aiohttp.ClientSession()
-        invoker = InProcessInvoker(registry, http, secrets)
+        store = ObjectStore(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        invoker = InProcessInvoker(registry, http, secrets, store)
         leases = LeaseManager(journal, invoker, engine, registry, metrics)
         replies = (
             ReplySender(

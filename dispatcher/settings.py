@@ -98,6 +98,10 @@ class Settings(BaseSettings):
 
     # NoDecode: the environment source hands these over as raw strings ("a,b" or JSON),
     # decoded by ``_comma_separated`` rather than by pydantic-settings' JSON-only parsing.
+    # Where s3:// URLs of dumps point; unset = AWS. Credentials: the usual AWS_* sources.
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+
     function_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # names env() may read in templates; None = any
     env_allow: Annotated[list[str] | None, NoDecode] = None

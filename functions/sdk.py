@@ -38,6 +38,7 @@ __all__ = [
     "FunctionError",
     "FunctionRegistry",
     "FunctionSpec",
+    "ObjectStore",
     "PermanentError",
     "RetryableError",
     "SecretResolver",
@@ -170,6 +171,17 @@ class EventInfo:
 ProgressCallback = Callable[[int, int | None], None]
 
 
+@dataclass(frozen=True)
+class ObjectStore:
+    """Where ``s3://`` URLs point: AWS by default, or any S3-compatible endpoint.
+
+    Credentials come from the usual AWS sources (environment, profile, instance role).
+    """
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+
 class _HeldResources:
     """Objects a lease keeps alive in this process (e.g. the connection holding FTWRL)."""
 
@@ -201,6 +213,7 @@ class Context:
     outputs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     lease_id: str | None = None
     on_progress: ProgressCallback | None = None
+    object_store: ObjectStore = field(default_factory=ObjectStore)
 
     def remaining(self) -> float:
         """Seconds left before the step's timeout."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from dispatcher.app import create_app
 from dispatcher.cehttp import encode_event
+from dispatcher.invokers import Invocation
+from dispatcher.invokers.inprocess import InProcessInvoker
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
+from functions.sdk import EventInfo, ObjectStore
 from tests.hookfns import Recorder, fresh
 
 SUBJECT = "ns/Deployment/app"
@@ -128,3 +132,96 @@ async def harness(tmp_path: Path) -> AsyncIterator[HarnessFactory]:
     yield make
     for h in made:
         await h.client.close()
+
+
+# --- AWS: moto in server mode over real HTTP ---------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    """One moto server per test worker; tests isolate themselves by bucket name."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def object_store(moto_url: str) -> ObjectStore:
+    return ObjectStore(endpoint_url=moto_url, region="us-east-1")
+
+
+@pytest.fixture
+async def bucket(object_store: ObjectStore) -> AsyncIterator[str]:
+    """A fresh bucket, emptied and deleted afterwards."""
+    from functions.storage import s3_client
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    async with s3_client(object_store) as s3:
+        await s3.create_bucket(Bucket=name)
+    yield name
+    async with s3_client(object_store) as s3:
+        listed = await s3.list_objects_v2(Bucket=name)
+        for item in listed.get("Contents", []):
+            await s3.delete_object(Bucket=name, Key=item["Key"])
+        await s3.delete_bucket(Bucket=name)
+
+
+@dataclass
+class FunctionCaller:
+    """Calls registered functions the way the dispatcher does (InProcessInvoker)."""
+
+    invoker: InProcessInvoker
+
+    async def __call__(
+        self,
+        function: str,
+        params: dict[str, Any],
+        *,
+        lease_id: str | None = None,
+        step: str = "step",
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        invocation = Invocation(
+            function=function,
+            params=params,
+            event=EventInfo(
+                id="e1",
+                source="test",
+                type="io.snaphook.backup.pre",
+                subject="ns/Deployment/app",
+                data={},
+            ),
+            run_id=f"run-{uuid.uuid4().hex[:8]}",
+            step=step,
+            attempt=1,
+            timeout=timeout,
+            lease_id=lease_id,
+        )
+        return await self.invoker.invoke(invocation)
+
+
+@pytest.fixture
+async def call_function(object_store: ObjectStore) -> AsyncIterator[FunctionCaller]:
+    """Every installed function family, called in-process against moto's S3."""
+    from dispatcher.app import load_functions
+    from dispatcher.secrets import EnvSecretResolver
+
+    registry = load_functions([])
+    async with aiohttp.ClientSession() as http:
+        yield FunctionCaller(InProcessInvoker(registry, http, EnvSecretResolver(), object_store))

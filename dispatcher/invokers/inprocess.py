@@ -15,6 +15,7 @@ from dispatcher.redaction import redactor
 from functions.sdk import (
     Context,
     FunctionRegistry,
+    ObjectStore,
     PermanentError,
     SecretResolver,
 )
@@ -70,10 +71,12 @@ class InProcessInvoker:
         registry: FunctionRegistry,
         http: aiohttp.ClientSession,
         secrets: SecretResolver,
+        object_store: ObjectStore | None = None,
     ) -> None:
         self._registry = registry
         self._http = http
         self._secrets = secrets
+        self._object_store = object_store or ObjectStore()
 
     async def invoke(self, invocation: Invocation) -> dict[str, Any]:
         spec = self._registry.get(invocation.function)
@@ -98,5 +101,6 @@ class InProcessInvoker:
             ),
             outputs=invocation.outputs,
             lease_id=invocation.lease_id,
+            object_store=self._object_store,
         )
         return outputs_of(await spec.fn(ctx, params))

@@ -1,0 +1,128 @@
+"""Run a client program (pg_dump, mariadb-dump, ...) as a stream of bytes.
+
+Output is read in bounded chunks as the consumer takes them, so a dump flows from the
+database client to S3 without ever being whole in memory or on disk; input is written
+with back-pressure. A non-zero exit becomes a function error carrying the tail of stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+
+from functions.sdk import PermanentError, RetryableError
+
+CHUNK = 256 * 1024
+STDERR_TAIL = 4096
+
+
+class ProcessFailed(RetryableError):
+    """The program exited non-zero; ``stderr`` is its last output."""
+
+    def __init__(self, program: str, code: int, stderr: str) -> None:
+        super().__init__(f"{program} exited with {code}: {stderr.strip()[-600:]}")
+        self.code = code
+        self.stderr = stderr
+
+
+async def _start(
+    argv: Sequence[str], env: Mapping[str, str] | None, *, stdin: bool
+) -> asyncio.subprocess.Process:
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+        )
+    except FileNotFoundError:
+        raise PermanentError(f"{argv[0]} is not installed (not found on PATH)") from None
+
+
+async def _tail(stream: asyncio.StreamReader | None) -> str:
+    """Keep only the end of stderr: enough to explain a failure, bounded in memory."""
+    if stream is None:
+        return ""
+    kept = b""
+    while chunk := await stream.read(CHUNK):
+        kept = (kept + chunk)[-STDERR_TAIL:]
+    return kept.decode("utf-8", "replace")
+
+
+async def _finish(process: asyncio.subprocess.Process, program: str, stderr: str) -> None:
+    code = await process.wait()
+    if code != 0:
+        raise ProcessFailed(program, code, stderr)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+async def read_process(
+    argv: Sequence[str], env: Mapping[str, str] | None = None, *, chunk_size: int = CHUNK
+) -> AsyncIterator[bytes]:
+    """Yield the program's stdout; raise :class:`ProcessFailed` if it exits non-zero."""
+    process = await _start(argv, env, stdin=False)
+    errors = asyncio.create_task(_tail(process.stderr))
+    try:
+        assert process.stdout is not None
+        while chunk := await process.stdout.read(chunk_size):
+            yield chunk
+        await _finish(process, argv[0], await errors)
+    finally:
+        await _kill(process)
+        errors.cancel()
+
+
+async def write_process(
+    argv: Sequence[str], chunks: AsyncIterable[bytes], env: Mapping[str, str] | None = None
+) -> str:
+    """Feed ``chunks`` to the program's stdin; returns its stdout (bounded) on success."""
+    process = await _start(argv, env, stdin=True)
+    errors = asyncio.create_task(_tail(process.stderr))
+    output = asyncio.create_task(_tail(process.stdout))
+    try:
+        assert process.stdin is not None
+        async for chunk in chunks:
+            process.stdin.write(chunk)
+            await process.stdin.drain()  # back-pressure: never buffer the whole dump
+        process.stdin.close()
+        await process.stdin.wait_closed()
+        await _finish(process, argv[0], await errors)
+        return await output
+    except (BrokenPipeError, ConnectionResetError):
+        # The program quit early; its exit code and stderr say why.
+        await _finish(process, argv[0], await errors)
+        raise
+    finally:
+        await _kill(process)
+        errors.cancel()
+        output.cancel()
+
+
+async def gzip_stream(chunks: AsyncIterable[bytes], level: int = 6) -> AsyncIterator[bytes]:
+    """Compress a stream into gzip format as it flows."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
+    async for chunk in chunks:
+        if out := compressor.compress(chunk):
+            yield out
+    yield compressor.flush()
+
+
+async def gunzip_stream(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Decompress a gzip stream as it flows (memory bounded by the chunk size)."""
+    decompressor = zlib.decompressobj(31)
+    async for chunk in chunks:
+        if out := decompressor.decompress(chunk, CHUNK * 4):
+            yield out
+        while decompressor.unconsumed_tail:
+            yield decompressor.decompress(decompressor.unconsumed_tail, CHUNK * 4)
+    if tail := decompressor.flush():
+        yield tail

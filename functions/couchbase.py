@@ -1,0 +1,1 @@
+"""couchbase hook functions (being written)."""

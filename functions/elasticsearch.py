@@ -1,0 +1,1 @@
+"""elasticsearch hook functions (being written)."""

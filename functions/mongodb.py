@@ -1,0 +1,1 @@
+"""mongodb hook functions (being written)."""

@@ -1,0 +1,1 @@
+"""mysql hook functions (being written)."""

@@ -1,0 +1,1 @@
+"""postgres hook functions (being written)."""

@@ -1,0 +1,1 @@
+"""redis hook functions (being written)."""

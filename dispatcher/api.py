@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dispatcher.errors import EventError
 from dispatcher.journal import LeaseRecord, RunRecord, RunStatus, StepRecord
-from dispatcher.redaction import redactor
+from dispatcher.redaction import MASK, redactor
 from dispatcher.state import STATE
 
 MAX_LIMIT = 1000
@@ -102,7 +102,12 @@ async def get_run(request: web.Request) -> web.Response:
     steps = await state.journal.get_steps(run_id)
     leases = await state.journal.find_leases(run_id=run_id)
     blueprint = state.blueprints.get(run.blueprint)
-    params = blueprint.masked_params(run.params) if blueprint is not None else run.params
+    # Without the blueprint nobody can tell which params are secret: show none of them.
+    params = (
+        blueprint.masked_params(run.params)
+        if blueprint is not None
+        else dict.fromkeys(run.params, MASK)
+    )
     body = run_json(run) | {
         "event": run.event,
         "params": params,

@@ -16,7 +16,7 @@ from dispatcher import api, ingress
 from dispatcher.bindings import ConfigBindingResolver, unknown_bindings
 from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintSet
-from dispatcher.errors import ConfigError, EventError
+from dispatcher.errors import ConfigError, EventError, JournalError
 from dispatcher.invokers.inprocess import InProcessInvoker
 from dispatcher.journal.sqlite import SQLiteJournal
 from dispatcher.leases import LeaseManager
@@ -68,6 +68,12 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         if request.method == "POST":  # a mistyped run id is not a rejected event
             state.metrics.events_rejected.labels(status=str(exc.status)).inc()
         return error_response(exc)
+    except JournalError:
+        # Not the client's fault and worth retrying: Knative-style senders retry a 503.
+        log.exception("journal unavailable", extra={"path": request.path})
+        return problem_response(
+            503, "Journal unavailable", "retry later", headers={"Retry-After": "1"}
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -112,57 +118,77 @@ def _lifecycle(
 ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        metrics = Metrics()
-        journal = SQLiteJournal(settings.journal_path, synchronous=settings.journal_sync)
-        await journal.open()
-        http = aiohttp.ClientSession()
-        store = ObjectStore(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        invoker = InProcessInvoker(registry, http, secrets, store)
-        leases = LeaseManager(journal, invoker, engine, registry, metrics)
-        replies = (
-            ReplySender(
-                settings.sink_url,
-                http,
-                metrics,
-                source=settings.reply_source,
-                attempts=settings.reply_attempts,
+        async with contextlib.AsyncExitStack() as stack:
+            journal = SQLiteJournal(settings.journal_path, synchronous=settings.journal_sync)
+            await journal.open()
+            stack.push_async_callback(journal.close)
+            http = aiohttp.ClientSession()
+            stack.push_async_callback(http.close)
+            state = _build(app, settings, registry, secrets, engine, blueprints, journal, http)
+            stack.push_async_callback(_stop, state, settings)
+            resumed = await state.runner.recover()
+            # Releases left half-done by a crash may call slow functions: not before serving.
+            state.background.append(asyncio.create_task(state.leases.recover()))
+            state.background.append(
+                asyncio.create_task(state.leases.run_reaper(settings.lease_reap_interval))
             )
-            if settings.sink_url
-            else None
-        )
-        runner = Runner(
-            journal,
-            invoker,
-            leases,
-            engine,
-            lambda: blueprints,
-            metrics,
-            on_final=replies.on_final if replies is not None else None,
-            max_concurrent=settings.max_concurrent_runs,
-        )
-        resolver = ConfigBindingResolver(settings.bindings)
-        dispatcher = Dispatcher(journal, runner, resolver, lambda: blueprints, metrics)
-        state = AppState(settings, blueprints, journal, runner, leases, dispatcher, metrics)
-        app[STATE] = state
-        await leases.recover()
-        resumed = await runner.recover()
-        reaper = asyncio.create_task(leases.run_reaper(settings.lease_reap_interval))
-        state.ready = True
-        log.info(
-            "snaphook ready",
-            extra={"blueprints": blueprints.names(), "resumed_runs": resumed},
-        )
-        try:
+            state.ready = True
+            log.info(
+                "snaphook ready",
+                extra={"blueprints": blueprints.names(), "resumed_runs": resumed},
+            )
             yield
-        finally:
-            state.ready = False
-            await runner.close(settings.shutdown_grace)
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
-            if replies is not None:
-                await replies.close()
-            await http.close()
-            await journal.close()
 
     return lifecycle
+
+
+def _build(
+    app: web.Application,
+    settings: Settings,
+    registry: FunctionRegistry,
+    secrets: SecretResolver,
+    engine: TemplateEngine,
+    blueprints: BlueprintSet,
+    journal: SQLiteJournal,
+    http: aiohttp.ClientSession,
+) -> AppState:
+    metrics = Metrics()
+    store = ObjectStore(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    invoker = InProcessInvoker(registry, http, secrets, store)
+    leases = LeaseManager(journal, invoker, engine, registry, metrics)
+    replies = None
+    if settings.sink_url:
+        replies = ReplySender(
+            settings.sink_url,
+            http,
+            metrics,
+            source=settings.reply_source,
+            attempts=settings.reply_attempts,
+        )
+    runner = Runner(
+        journal,
+        invoker,
+        leases,
+        engine,
+        lambda: blueprints,
+        metrics,
+        on_final=replies.on_final if replies is not None else None,
+        max_concurrent=settings.max_concurrent_runs,
+    )
+    resolver = ConfigBindingResolver(settings.bindings)
+    dispatcher = Dispatcher(journal, runner, resolver, lambda: blueprints, metrics)
+    state = AppState(settings, blueprints, journal, runner, leases, dispatcher, metrics)
+    state.replies = replies
+    app[STATE] = state
+    return state
+
+
+async def _stop(state: AppState, settings: Settings) -> None:
+    """Drain: stop being ready, let runs finish (grace), stop background work, flush replies."""
+    state.ready = False
+    await state.runner.close(settings.shutdown_grace)
+    for task in state.background:
+        task.cancel()
+    await asyncio.gather(*state.background, return_exceptions=True)
+    if state.replies is not None:
+        await state.replies.close()

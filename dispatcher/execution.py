@@ -26,6 +26,7 @@ class Execution:
     all_leases: list[LeaseRecord] = field(default_factory=list)  # every lease, oldest first
     starting: bool = False  # the run is still "accepted": mark it running with the first step
     decision_pending: bool = False  # allowed is decided in memory, written with the final state
+    masked_params: dict[str, Any] = field(default_factory=dict)  # secret params masked
 
     @cached_property
     def event(self) -> EventInfo:
@@ -95,7 +96,7 @@ class Execution:
             )
         ]
 
-    def _released_names(self, planned: PlannedStep, engine: TemplateEngine) -> set[str]:
+    def released_names(self, planned: PlannedStep, engine: TemplateEngine) -> set[str]:
         """Lease steps this step releases: it names ``leases.<x>`` and calls x's release."""
         return {
             path[1]
@@ -106,14 +107,10 @@ class Execution:
             and self.release_functions.get(path[1]) == planned.spec.function
         }
 
-    def releases_by(self, planned: PlannedStep, engine: TemplateEngine) -> list[LeaseRecord]:
-        """Open leases this step releases."""
-        names = self._released_names(planned, engine)
-        return [
-            lease
-            for name, lease in self.leases.items()
-            if name in names and lease.status is LeaseStatus.OPEN
-        ]
+    def releasable(self, planned: PlannedStep, engine: TemplateEngine) -> list[LeaseRecord]:
+        """The leases this step releases, whatever their state."""
+        names = self.released_names(planned, engine)
+        return [lease for name, lease in self.leases.items() if name in names]
 
     def nothing_to_release(self, planned: PlannedStep, engine: TemplateEngine) -> str | None:
         """Why a releasing step has nothing left to do (so it is skipped), else ``None``.
@@ -121,7 +118,7 @@ class Execution:
         A thaw after the reaper already thawed, or a post event whose pre run never took
         the lease, must not call the release function a second time.
         """
-        names = self._released_names(planned, engine)
+        names = self.released_names(planned, engine)
         if not names:
             return None
         reasons = []

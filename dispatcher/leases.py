@@ -89,32 +89,65 @@ class LeaseManager:
         return lease
 
     async def claim(self, lease: LeaseRecord, by: str) -> bool:
-        """Reserve a lease for a releaser (a post step); ``False`` if someone else has it."""
-        return await self._journal.transition_lease(
+        """Reserve a lease for a releaser (a post step); ``False`` if someone else has it.
+
+        The record passed in is updated too, so in-memory views never act on stale state.
+        """
+        won = await self._journal.transition_lease(
             lease.lease_id, LeaseStatus.OPEN, status=LeaseStatus.RELEASING, released_by=by
         )
+        if won:
+            lease.status, lease.released_by = LeaseStatus.RELEASING, by
+        return won
 
     async def unclaim(self, lease: LeaseRecord) -> None:
         """Hand a claimed lease back (its releasing step failed): the next releaser tries."""
-        await self._journal.transition_lease(
+        if await self._journal.transition_lease(
             lease.lease_id, LeaseStatus.RELEASING, status=LeaseStatus.OPEN, released_by=None
-        )
+        ):
+            lease.status, lease.released_by = LeaseStatus.OPEN, None
+
+    async def refresh(self, lease: LeaseRecord) -> LeaseRecord:
+        """Bring ``lease`` up to date with the journal (another releaser may have acted)."""
+        current = await self._journal.get_lease(lease.lease_id)
+        if current is not None:
+            lease.status, lease.released_by = current.status, current.released_by
+            lease.released_at, lease.error = current.released_at, current.error
+        return lease
 
     async def mark_released(self, lease: LeaseRecord, by: str) -> None:
+        now = self._clock()
         await self._journal.transition_lease(
             lease.lease_id,
             LeaseStatus.RELEASING,
             status=LeaseStatus.RELEASED,
-            released_at=self._clock(),
+            released_at=now,
             released_by=by,
         )
+        lease.status, lease.released_at, lease.released_by = LeaseStatus.RELEASED, now, by
         self._metrics.open_leases.dec()
         log.info("lease released", extra=_fields(lease, by=by))
+
+    async def release_again(self, lease: LeaseRecord, why: str) -> None:
+        """Undo a freeze that finished after its lease had already been released.
+
+        (A post run or the reaper released the lease while the freeze was still running;
+        the release then found nothing frozen, and the freeze happened afterwards.)
+        """
+        log.warning("late freeze: releasing again", extra=_fields(lease, why=why))
+        try:
+            await self._call_release(lease)
+        except Exception as exc:
+            message = classify(exc, timeout=RELEASE_TIMEOUT).message
+            self._metrics.lease_release_failures.inc()
+            log.error("lease re-release failed", extra=_fields(lease, error=message))
+            raise LeaseReleaseError([(lease.lease_id, message)]) from None
 
     async def release(self, lease: LeaseRecord, by: str, *, claimed: bool = False) -> bool:
         """Call the lease's release function; ``False`` if another releaser owns it."""
         if not claimed and not await self.claim(lease, by):
             return False
+        lease.status = LeaseStatus.RELEASING
         try:
             await self._call_release(lease)
         except Exception as exc:  # one failing release must not stop the others
@@ -127,6 +160,7 @@ class LeaseManager:
                 released_by=by,
                 error=message,
             )
+            lease.status, lease.error = LeaseStatus.FAILED, message
             self._metrics.open_leases.dec()
             self._metrics.lease_release_failures.inc()
             log.error("lease release failed", extra=_fields(lease, by=by, error=message))
@@ -184,6 +218,10 @@ class LeaseManager:
         outputs = await self._freeze_outputs(lease)
         view = LeaseView(lease.lease_id, lease.step, outputs, lease.expires_at)
         scope = {**lease.context, "lease": view}
+        # The context keeps secret params masked; the real values live with the run.
+        run = await self._journal.get_run(lease.run_id)
+        if run is not None:
+            scope["params"] = run.params
         namespace = str(lease.context.get("target", {}).get("namespace") or "") or None
         params = await self._engine.render(lease.release_with, scope, namespace=namespace)
         if self._accepts(lease.release_function, "lease") and "lease" not in params:

@@ -114,5 +114,7 @@ class ReplySender:
     async def close(self, grace: float = 5.0) -> None:
         if self._pending:
             await asyncio.wait(self._pending, timeout=grace)
-        for task in self._pending:
+        pending = list(self._pending)
+        for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

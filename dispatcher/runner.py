@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.blueprints import Blueprint, BlueprintSet
-from dispatcher.errors import SnaphookError
+from dispatcher.errors import JournalError, SnaphookError
 from dispatcher.events import Phase
 from dispatcher.execution import Execution
 from dispatcher.invokers import Invocation, Invoker
 from dispatcher.journal import (
     Journal,
     LeaseRecord,
+    LeaseStatus,
     RunRecord,
     RunStatus,
     StepRecord,
@@ -34,6 +35,7 @@ from dispatcher.metrics import Metrics
 from dispatcher.planner import PlannedStep, make_plan
 from dispatcher.retrying import Failure, backoff_delay, classify
 from dispatcher.templating import TemplateEngine
+from dispatcher.waiters import Waiters
 
 log = logging.getLogger("snaphook.runner")
 
@@ -71,8 +73,9 @@ class Runner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._fresh: dict[str, tuple[RunRecord, list[StepRecord]]] = {}
         self._executions: dict[str, Execution] = {}
-        self._decided: dict[str, asyncio.Event] = {}
-        self._finished: dict[str, asyncio.Event] = {}
+        self._settled: dict[str, tuple[bool, str]] = {}  # answers given before execution
+        self._decided = Waiters()
+        self._finished = Waiters()
 
     # -- public interface -------------------------------------------------------------
 
@@ -101,10 +104,14 @@ class Runner:
 
     async def wait_decision(self, run_id: str, timeout: float) -> RunRecord | None:
         """The run once its phase is decided, or as it stands when ``timeout`` expires."""
-        return await self._wait(self._decided, run_id, timeout, lambda r: r.allowed is not None)
+        return await self._decided.wait(
+            run_id, timeout, lambda: self._journal.get_run(run_id), lambda r: r.allowed is not None
+        )
 
     async def wait_final(self, run_id: str, timeout: float) -> RunRecord | None:
-        return await self._wait(self._finished, run_id, timeout, lambda r: r.status.final)
+        return await self._finished.wait(
+            run_id, timeout, lambda: self._journal.get_run(run_id), lambda r: r.status.final
+        )
 
     async def settle(self, run_id: str, allowed: bool, reason: str) -> RunRecord | None:
         """Make an answer already given (on a decision timeout) the run's decision.
@@ -118,10 +125,13 @@ class Runner:
             if ex.run.allowed is None:
                 await self._record_decision(ex, allowed, reason)
             return ex.run
+        # Not executing yet (waiting for a slot, or being prepared): remembered before any
+        # await, so the execution applies it as soon as it registers.
+        self._settled.setdefault(run_id, (allowed, reason))
         run = await self._journal.get_run(run_id)
-        if run is not None and run.allowed is None and not run.status.final:
-            # Not executing yet (waiting for a slot): it will start, see the decision and,
-            # if denied, skip its main steps.
+        if run is None or run.status.final:
+            self._settled.pop(run_id, None)  # nothing will execute to apply it
+        elif run.allowed is None:
             await self._journal.update_run(run_id, allowed=allowed, reason=reason)
             run.allowed, run.reason = allowed, reason
         return run
@@ -143,32 +153,6 @@ class Runner:
     def active(self) -> int:
         return len(self._tasks)
 
-    # -- waiting ------------------------------------------------------------------------
-
-    async def _wait(
-        self,
-        events: dict[str, asyncio.Event],
-        run_id: str,
-        timeout: float,
-        done: Callable[[RunRecord], bool],
-    ) -> RunRecord | None:
-        # Register before reading the journal, so a decision landing in between still wakes us.
-        event = events.setdefault(run_id, asyncio.Event())
-        run = await self._journal.get_run(run_id)
-        if run is None or done(run) or timeout <= 0:
-            return run
-        try:
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        except TimeoutError:
-            pass
-        return await self._journal.get_run(run_id)
-
-    def _signal(self, events: dict[str, asyncio.Event], run_id: str) -> None:
-        event = events.pop(run_id, None)
-        if event is not None:
-            event.set()
-
     # -- one run ------------------------------------------------------------------------
 
     async def _guarded(self, run_id: str) -> None:
@@ -177,16 +161,24 @@ class Runner:
                 await self._execute(run_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except JournalError:
             # A journal outage mid-run: the run stays unfinished and resumes at restart.
             log.exception("run aborted; it will resume from the journal", extra={"run_id": run_id})
+        except Exception as exc:
+            # A bug must not leave a run (and its leases) hanging until the next restart.
+            log.exception("run failed unexpectedly", extra={"run_id": run_id})
+            run = await self._journal.get_run(run_id)
+            if run is not None and not run.status.final:
+                await self._abandon(run, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._settled.pop(run_id, None)
 
     async def _execute(self, run_id: str) -> None:
         fresh = self._fresh.pop(run_id, None)
         run = fresh[0] if fresh is not None else await self._journal.get_run(run_id)
         if run is None or run.status.final:
-            self._signal(self._decided, run_id)
-            self._signal(self._finished, run_id)
+            self._decided.signal(run_id)
+            self._finished.signal(run_id)
             return
         blueprint = self._blueprints().get(run.blueprint)
         phase = Phase.from_event_type(run.type)
@@ -194,7 +186,12 @@ class Runner:
             await self._abandon(run, f"blueprint {run.blueprint!r} is no longer loaded")
             return
         ex = await self._prepare(run, blueprint, phase, fresh[1] if fresh else None)
+        if ex is None:
+            return
         self._executions[run_id] = ex
+        settled = self._settled.pop(run_id, None)
+        if settled is not None and ex.run.allowed is None:
+            ex.run.allowed, ex.run.reason = settled  # settle() journaled it already
         try:
             await self._run_main(ex)
             await self._decide(ex)
@@ -210,7 +207,7 @@ class Runner:
         blueprint: Blueprint,
         phase: Phase,
         fresh_steps: list[StepRecord] | None,
-    ) -> Execution:
+    ) -> Execution | None:
         plan = make_plan(
             blueprint,
             phase,
@@ -221,6 +218,13 @@ class Runner:
         steps = fresh_steps
         if steps is None:
             steps = await self._journal.get_steps(run.run_id)
+        if {s.name for s in steps} != {p.name for p in plan.steps}:
+            await self._abandon(
+                run,
+                f"blueprint {run.blueprint!r} changed since the run started (its steps differ); "
+                "the run cannot resume",
+            )
+            return None
         # A resumed run re-teaches the redactor its secret params (the process is new);
         # a blueprint edited since may no longer accept them, which is fine here.
         with contextlib.suppress(ValueError):
@@ -230,6 +234,7 @@ class Runner:
             plan=plan,
             steps={s.name: s for s in steps},
             release_functions=blueprint.release_functions(),
+            masked_params=blueprint.masked_params(run.params),
         )
         if run.status is RunStatus.ACCEPTED:
             # Written together with the first step's "running" record (same group commit).
@@ -268,7 +273,7 @@ class Runner:
             run.run_id, status=RunStatus.FAILED, allowed=False, reason=reason
         )
         run.status, run.allowed, run.reason = RunStatus.FAILED, False, reason
-        self._signal(self._decided, run.run_id)
+        self._decided.signal(run.run_id)
         leases = await self._journal.find_leases(run_id=run.run_id)
         try:
             await self._leases.release_all(leases, "run-failed")
@@ -312,14 +317,23 @@ class Runner:
     # -- one step -----------------------------------------------------------------------
 
     async def _run_step(self, ex: Execution, planned: PlannedStep) -> None:
+        try:
+            await self._attempts(ex, planned)
+        finally:
+            # However the step ended (cancelled at shutdown, a journal error), a lease it
+            # claimed must not stay "releasing" until the next restart.
+            if ex.claimed.get(planned.name):
+                await self._unclaim_releases(ex, planned)
+
+    async def _attempts(self, ex: Execution, planned: PlannedStep) -> None:
         spec = planned.spec
-        skip = ex.nothing_to_release(planned, self._engine)
-        if skip is not None:
-            await self._set_step(ex, spec.name, status=StepStatus.SKIPPED, error=skip)
-            log.info("step skipped", extra=ex.log_fields(step=spec.name, reason=skip))
-            return
         attempt = ex.steps[spec.name].attempts
         while True:
+            skip = await self._release_done_elsewhere(ex, planned)
+            if skip is not None:
+                await self._set_step(ex, spec.name, status=StepStatus.SKIPPED, error=skip)
+                log.info("step skipped", extra=ex.log_fields(step=spec.name, reason=skip))
+                return
             attempt += 1
             await self._mark_running(ex, spec.name, attempt)
             log.info("step started", extra=ex.log_fields(step=spec.name, attempt=attempt))
@@ -344,14 +358,8 @@ class Runner:
         params = await self._engine.render(spec.with_, scope, namespace=ex.namespace)
         lease_id = None
         if spec.lease is not None:
-            lease = ex.leases.get(spec.name)
-            if lease is None or lease.run_id != ex.run.run_id:
-                # Journaled before the function runs: a crash mid-freeze still leaves a lease.
-                lease = await self._leases.take(ex.run, spec.name, spec.lease, scope)
-                ex.leases[spec.name] = lease
-                ex.all_leases.append(lease)
+            lease = await self._lease_for_attempt(ex, planned, scope)
             lease_id = lease.lease_id
-        await self._claim_releases(ex, planned)
         invocation = Invocation(
             function=spec.function,
             params=params,
@@ -365,6 +373,40 @@ class Runner:
         )
         async with asyncio.timeout(spec.timeout):
             return await self._invoker.invoke(invocation)
+
+    async def _lease_for_attempt(
+        self, ex: Execution, planned: PlannedStep, scope: dict[str, Any]
+    ) -> LeaseRecord:
+        """This step's open lease, taken now if it has none (or its last one already ended:
+        released by the reaper or a post run while an earlier attempt was freezing)."""
+        assert planned.spec.lease is not None
+        lease = ex.leases.get(planned.name)
+        if lease is not None and lease.run_id == ex.run.run_id:
+            await self._leases.refresh(lease)
+            if lease.status is LeaseStatus.OPEN:
+                return lease
+        # Journaled before the function runs: a crash mid-freeze still leaves a lease.
+        masked = {**scope, "params": ex.masked_params}
+        lease = await self._leases.take(ex.run, planned.name, planned.spec.lease, masked)
+        ex.leases[planned.name] = lease
+        ex.all_leases.append(lease)
+        return lease
+
+    async def _release_done_elsewhere(self, ex: Execution, planned: PlannedStep) -> str | None:
+        """For a step that releases leases: why there is nothing left for it to do, if so.
+
+        Lease states are re-read first, and the step claims its leases before running, so
+        it never calls a release function that the reaper or another run already called.
+        """
+        leases = ex.releasable(planned, self._engine)
+        if not leases and not ex.released_names(planned, self._engine):
+            return None
+        for lease in leases:
+            await self._leases.refresh(lease)
+        reason = ex.nothing_to_release(planned, self._engine)
+        if reason is None and not await self._claim_releases(ex, planned):
+            reason = "nothing to release: another releaser has the lease"
+        return reason
 
     async def _retry_later(
         self, ex: Execution, planned: PlannedStep, attempt: int, failure: Failure
@@ -390,6 +432,8 @@ class Runner:
     async def _step_succeeded(
         self, ex: Execution, planned: PlannedStep, outputs: dict[str, Any]
     ) -> None:
+        if planned.spec.lease is not None:
+            await self._check_late_freeze(ex, planned)
         await self._set_step(
             ex,
             planned.name,
@@ -401,6 +445,17 @@ class Runner:
         for lease in ex.claimed.pop(planned.name, []):
             await self._leases.mark_released(lease, f"step:{ex.run.run_id}/{planned.name}")
         log.info("step succeeded", extra=ex.log_fields(step=planned.name))
+
+    async def _check_late_freeze(self, ex: Execution, planned: PlannedStep) -> None:
+        lease = ex.leases.get(planned.name)
+        if lease is None or lease.run_id != ex.run.run_id:
+            return
+        await self._leases.refresh(lease)
+        if lease.status is not LeaseStatus.OPEN:
+            try:
+                await self._leases.release_again(lease, f"released by {lease.released_by}")
+            except LeaseReleaseError as exc:
+                ex.lease_errors.append(str(exc))
 
     async def _step_failed(self, ex: Execution, planned: PlannedStep, message: str) -> None:
         await self._set_step(
@@ -417,13 +472,17 @@ class Runner:
 
     # -- leases released by post steps -----------------------------------------------------
 
-    async def _claim_releases(self, ex: Execution, planned: PlannedStep) -> None:
+    async def _claim_releases(self, ex: Execution, planned: PlannedStep) -> bool:
+        """Claim the open leases this step releases; whether it holds any now."""
         claimed = ex.claimed.setdefault(planned.name, [])
-        for lease in ex.releases_by(planned, self._engine):
-            if lease not in claimed and await self._leases.claim(
-                lease, f"step:{ex.run.run_id}/{planned.name}"
+        for lease in ex.releasable(planned, self._engine):
+            if (
+                lease.status is LeaseStatus.OPEN
+                and lease not in claimed
+                and await self._leases.claim(lease, f"step:{ex.run.run_id}/{planned.name}")
             ):
                 claimed.append(lease)
+        return bool(claimed)
 
     async def _unclaim_releases(self, ex: Execution, planned: PlannedStep) -> None:
         for lease in ex.claimed.pop(planned.name, []):
@@ -472,7 +531,7 @@ class Runner:
         ex.run.allowed, ex.run.reason = allowed, reason
         await self._journal.update_run(ex.run.run_id, allowed=allowed, reason=reason)
         log.info("phase decided", extra=ex.log_fields(allowed=allowed, reason=reason))
-        self._signal(self._decided, ex.run.run_id)
+        self._decided.signal(ex.run.run_id)
 
     async def _finish(self, ex: Execution) -> None:
         failed_final = [p.name for p in ex.plan.finalizers if ex.final_failed(p)]
@@ -494,8 +553,8 @@ class Runner:
     async def _complete(self, run: RunRecord, steps: list[StepRecord] | None = None) -> None:
         self._metrics.runs.labels(outcome=run.status.value).inc()
         log.info("run finished", extra={"run_id": run.run_id, "status": run.status.value})
-        self._signal(self._decided, run.run_id)
-        self._signal(self._finished, run.run_id)
+        self._decided.signal(run.run_id)
+        self._finished.signal(run.run_id)
         if self._on_final is not None:
             if steps is None:
                 steps = await self._journal.get_steps(run.run_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -10,6 +12,7 @@ from dispatcher.blueprints import BlueprintSet
 from dispatcher.journal import Journal
 from dispatcher.leases import LeaseManager
 from dispatcher.metrics import Metrics
+from dispatcher.replies import ReplySender
 from dispatcher.runner import Runner
 from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
@@ -25,6 +28,8 @@ class AppState:
     dispatcher: Dispatcher
     metrics: Metrics
     ready: bool = False  # true once recovery is done; false again while draining
+    replies: ReplySender | None = None
+    background: list[asyncio.Task[Any]] = field(default_factory=list)  # reaper, recovery
 
 
 STATE = web.AppKey("snaphook_state", AppState)

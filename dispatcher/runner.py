@@ -23,17 +23,16 @@ from dispatcher.execution import Execution
 from dispatcher.invokers import Invocation, Invoker
 from dispatcher.journal import (
     Journal,
-    LeaseRecord,
-    LeaseStatus,
     RunRecord,
     RunStatus,
     StepRecord,
     StepStatus,
 )
-from dispatcher.leases import LeaseManager, LeaseReleaseError
+from dispatcher.leases import LeaseManager
 from dispatcher.metrics import Metrics
 from dispatcher.planner import PlannedStep, make_plan
 from dispatcher.retrying import Failure, backoff_delay, classify
+from dispatcher.run_leases import RunLeases
 from dispatcher.templating import TemplateEngine
 from dispatcher.waiters import Waiters
 
@@ -62,6 +61,7 @@ class Runner:
         self._journal = journal
         self._invoker = invoker
         self._leases = leases
+        self._run_leases = RunLeases(journal, leases, engine)
         self._engine = engine
         self._blueprints = blueprints
         self._metrics = metrics
@@ -196,7 +196,7 @@ class Runner:
             await self._run_main(ex)
             await self._decide(ex)
             await self._run_finalizers(ex)
-            await self._end_leases(ex)
+            await self._run_leases.end(ex)
             await self._finish(ex)
         finally:
             self._executions.pop(run_id, None)
@@ -240,33 +240,11 @@ class Runner:
             # Written together with the first step's "running" record (same group commit).
             ex.starting = True
         log.info("run started", extra=ex.log_fields(blueprint=run.blueprint))
-        await self._load_leases(ex, fresh=fresh_steps is not None)
+        await self._run_leases.load(ex, fresh=fresh_steps is not None)
         for step in steps:
             if step.status is StepStatus.RUNNING:
                 await self._step_failed(ex, plan.step(step.name), INTERRUPTED)
         return ex
-
-    async def _load_leases(self, ex: Execution, *, fresh: bool) -> None:
-        # A run accepted a moment ago has taken no lease yet.
-        own = [] if fresh else await self._journal.find_leases(run_id=ex.run.run_id)
-        inherited: list[LeaseRecord] = []
-        if ex.plan.phase.is_post:
-            inherited = [
-                lease
-                for lease in await self._journal.find_leases(target=ex.run.subject)
-                if lease.backup_id == ex.backup_id and lease.run_id != ex.run.run_id
-            ]
-        # Oldest first: ``leases.<step>`` shows the newest, but every one is released.
-        for lease in [*inherited, *own]:
-            ex.leases[lease.step] = lease
-            ex.all_leases.append(lease)
-            ex.lease_outputs[lease.lease_id] = await self._outputs_of(lease)
-
-    async def _outputs_of(self, lease: LeaseRecord) -> dict[str, Any]:
-        for step in await self._journal.get_steps(lease.run_id):
-            if step.name == lease.step:
-                return step.outputs or {}
-        return {}
 
     async def _abandon(self, run: RunRecord, reason: str) -> None:
         await self._journal.update_run(
@@ -274,11 +252,7 @@ class Runner:
         )
         run.status, run.allowed, run.reason = RunStatus.FAILED, False, reason
         self._decided.signal(run.run_id)
-        leases = await self._journal.find_leases(run_id=run.run_id)
-        try:
-            await self._leases.release_all(leases, "run-failed")
-        except LeaseReleaseError as exc:
-            log.error("lease release failed", extra={"run_id": run.run_id, "error": str(exc)})
+        await self._run_leases.release_run(run.run_id)
         await self._complete(run)
 
     # -- the DAG ------------------------------------------------------------------------
@@ -323,13 +297,13 @@ class Runner:
             # However the step ended (cancelled at shutdown, a journal error), a lease it
             # claimed must not stay "releasing" until the next restart.
             if ex.claimed.get(planned.name):
-                await self._unclaim_releases(ex, planned)
+                await self._run_leases.unclaim(ex, planned)
 
     async def _attempts(self, ex: Execution, planned: PlannedStep) -> None:
         spec = planned.spec
         attempt = ex.steps[spec.name].attempts
         while True:
-            skip = await self._release_done_elsewhere(ex, planned)
+            skip = await self._run_leases.done_elsewhere(ex, planned)
             if skip is not None:
                 await self._set_step(ex, spec.name, status=StepStatus.SKIPPED, error=skip)
                 log.info("step skipped", extra=ex.log_fields(step=spec.name, reason=skip))
@@ -358,7 +332,7 @@ class Runner:
         params = await self._engine.render(spec.with_, scope, namespace=ex.namespace)
         lease_id = None
         if spec.lease is not None:
-            lease = await self._lease_for_attempt(ex, planned, scope)
+            lease = await self._run_leases.for_attempt(ex, planned, scope)
             lease_id = lease.lease_id
         invocation = Invocation(
             function=spec.function,
@@ -374,40 +348,6 @@ class Runner:
         async with asyncio.timeout(spec.timeout):
             return await self._invoker.invoke(invocation)
 
-    async def _lease_for_attempt(
-        self, ex: Execution, planned: PlannedStep, scope: dict[str, Any]
-    ) -> LeaseRecord:
-        """This step's open lease, taken now if it has none (or its last one already ended:
-        released by the reaper or a post run while an earlier attempt was freezing)."""
-        assert planned.spec.lease is not None
-        lease = ex.leases.get(planned.name)
-        if lease is not None and lease.run_id == ex.run.run_id:
-            await self._leases.refresh(lease)
-            if lease.status is LeaseStatus.OPEN:
-                return lease
-        # Journaled before the function runs: a crash mid-freeze still leaves a lease.
-        masked = {**scope, "params": ex.masked_params}
-        lease = await self._leases.take(ex.run, planned.name, planned.spec.lease, masked)
-        ex.leases[planned.name] = lease
-        ex.all_leases.append(lease)
-        return lease
-
-    async def _release_done_elsewhere(self, ex: Execution, planned: PlannedStep) -> str | None:
-        """For a step that releases leases: why there is nothing left for it to do, if so.
-
-        Lease states are re-read first, and the step claims its leases before running, so
-        it never calls a release function that the reaper or another run already called.
-        """
-        leases = ex.releasable(planned, self._engine)
-        if not leases and not ex.released_names(planned, self._engine):
-            return None
-        for lease in leases:
-            await self._leases.refresh(lease)
-        reason = ex.nothing_to_release(planned, self._engine)
-        if reason is None and not await self._claim_releases(ex, planned):
-            reason = "nothing to release: another releaser has the lease"
-        return reason
-
     async def _retry_later(
         self, ex: Execution, planned: PlannedStep, attempt: int, failure: Failure
     ) -> None:
@@ -422,7 +362,7 @@ class Runner:
             status=StepStatus.PENDING,
             error=f"attempt {attempt} failed: {failure.message}; retrying in {delay:.2f}s",
         )
-        await self._unclaim_releases(ex, planned)
+        await self._run_leases.unclaim(ex, planned)
         log.warning(
             "step retrying",
             extra=ex.log_fields(step=planned.name, attempt=attempt, delay=round(delay, 3)),
@@ -433,7 +373,7 @@ class Runner:
         self, ex: Execution, planned: PlannedStep, outputs: dict[str, Any]
     ) -> None:
         if planned.spec.lease is not None:
-            await self._check_late_freeze(ex, planned)
+            await self._run_leases.check_late_freeze(ex, planned)
         await self._set_step(
             ex,
             planned.name,
@@ -442,72 +382,21 @@ class Runner:
             error=None,
             finished_at=self._clock(),
         )
-        for lease in ex.claimed.pop(planned.name, []):
-            await self._leases.mark_released(lease, f"step:{ex.run.run_id}/{planned.name}")
+        await self._run_leases.released_by_step(ex, planned)
         log.info("step succeeded", extra=ex.log_fields(step=planned.name))
-
-    async def _check_late_freeze(self, ex: Execution, planned: PlannedStep) -> None:
-        lease = ex.leases.get(planned.name)
-        if lease is None or lease.run_id != ex.run.run_id:
-            return
-        await self._leases.refresh(lease)
-        if lease.status is not LeaseStatus.OPEN:
-            try:
-                await self._leases.release_again(lease, f"released by {lease.released_by}")
-            except LeaseReleaseError as exc:
-                ex.lease_errors.append(str(exc))
 
     async def _step_failed(self, ex: Execution, planned: PlannedStep, message: str) -> None:
         await self._set_step(
             ex, planned.name, status=StepStatus.FAILED, error=message, finished_at=self._clock()
         )
         log.warning("step failed", extra=ex.log_fields(step=planned.name, error=message))
-        await self._unclaim_releases(ex, planned)
+        await self._run_leases.unclaim(ex, planned)
         own = ex.leases.get(planned.name)
         if planned.spec.lease is not None and own is not None and own.run_id == ex.run.run_id:
             # The freeze may have half-happened: undo it now rather than at TTL.
-            await self._release_quietly([own], "step-failed", ex)
+            await self._run_leases.release_quietly([own], "step-failed", ex)
         if planned.spec.on_error == "fail" and not planned.final and ex.run.allowed is None:
             await self._record_decision(ex, False, f"step {planned.name} failed: {message}")
-
-    # -- leases released by post steps -----------------------------------------------------
-
-    async def _claim_releases(self, ex: Execution, planned: PlannedStep) -> bool:
-        """Claim the open leases this step releases; whether it holds any now."""
-        claimed = ex.claimed.setdefault(planned.name, [])
-        for lease in ex.releasable(planned, self._engine):
-            if (
-                lease.status is LeaseStatus.OPEN
-                and lease not in claimed
-                and await self._leases.claim(lease, f"step:{ex.run.run_id}/{planned.name}")
-            ):
-                claimed.append(lease)
-        return bool(claimed)
-
-    async def _unclaim_releases(self, ex: Execution, planned: PlannedStep) -> None:
-        for lease in ex.claimed.pop(planned.name, []):
-            await self._leases.unclaim(lease)
-
-    async def _release_quietly(self, leases: list[LeaseRecord], by: str, ex: Execution) -> bool:
-        try:
-            await self._leases.release_all(leases, by)
-        except LeaseReleaseError as exc:
-            ex.lease_errors.append(str(exc))
-            return False
-        return True
-
-    async def _end_leases(self, ex: Execution) -> None:
-        """Post phase: release what the steps did not. Failed run: release what it took."""
-        targets: list[LeaseRecord] = []
-        if ex.plan.phase.is_post:
-            targets += [lease for lease in ex.all_leases if lease.run_id != ex.run.run_id]
-        if ex.failed:
-            targets += [lease for lease in ex.all_leases if lease.run_id == ex.run.run_id]
-        if not targets:
-            return
-        by = f"post:{ex.run.run_id}" if ex.plan.phase.is_post else "run-failed"
-        fresh = [await self._journal.get_lease(lease.lease_id) for lease in targets]
-        await self._release_quietly([lease for lease in fresh if lease is not None], by, ex)
 
     # -- decision and end -------------------------------------------------------------------
 

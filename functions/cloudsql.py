@@ -1,0 +1,1 @@
+"""cloudsql (being written)."""

@@ -1,0 +1,1 @@
+"""httpguard (being written)."""

@@ -29,7 +29,13 @@ from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
 from dispatcher.templating import TemplateEngine
-from functions.sdk import FunctionRegistry, ObjectStore, SecretResolver, default_registry
+from functions.sdk import (
+    AwsConfig,
+    FunctionRegistry,
+    ObjectStore,
+    SecretResolver,
+    default_registry,
+)
 
 log = logging.getLogger("snaphook.app")
 
@@ -154,7 +160,8 @@ def _build(
 ) -> AppState:
     metrics = Metrics()
     store = ObjectStore(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    invoker = InProcessInvoker(registry, http, secrets, store)
+    aws = AwsConfig(endpoint_url=settings.aws_endpoint_url, region=settings.aws_region)
+    invoker = InProcessInvoker(registry, http, secrets, store, aws)
     leases = LeaseManager(journal, invoker, engine, registry, metrics)
     replies = None
     if settings.sink_url:

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     # Where s3:// URLs of dumps point; unset = AWS. Credentials: the usual AWS_* sources.
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # Other AWS APIs (Route53, ELBv2, RDS, SNS); unset = AWS itself.
+    aws_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
 
     function_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # names env() may read in templates; None = any

@@ -4,6 +4,7 @@ Function authors need only what is re-exported here.
 """
 
 from functions.sdk import (
+    AwsConfig,
     Context,
     EventInfo,
     FunctionError,
@@ -18,6 +19,7 @@ from functions.sdk import (
 )
 
 __all__ = [
+    "AwsConfig",
     "Context",
     "EventInfo",
     "FunctionError",

@@ -33,6 +33,7 @@ import aiohttp
 from pydantic import BaseModel, SecretStr
 
 __all__ = [
+    "AwsConfig",
     "Context",
     "EventInfo",
     "FunctionError",
@@ -182,6 +183,15 @@ class ObjectStore:
     region: str = "us-east-1"
 
 
+@dataclass(frozen=True)
+class AwsConfig:
+    """Where AWS API calls other than S3 go (Route53, ELBv2, RDS, SNS, ...): AWS itself by
+    default, or one endpoint serving them all (LocalStack, moto in tests)."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+
 class _HeldResources:
     """Objects a lease keeps alive in this process (e.g. the connection holding FTWRL)."""
 
@@ -214,6 +224,7 @@ class Context:
     lease_id: str | None = None
     on_progress: ProgressCallback | None = None
     object_store: ObjectStore = field(default_factory=ObjectStore)
+    aws: AwsConfig = field(default_factory=AwsConfig)
 
     def remaining(self) -> float:
         """Seconds left before the step's timeout."""

@@ -19,7 +19,7 @@ from dispatcher.invokers import Invocation
 from dispatcher.invokers.inprocess import InProcessInvoker
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
-from functions.sdk import EventInfo, ObjectStore
+from functions.sdk import AwsConfig, EventInfo, ObjectStore
 from tests.hookfns import Recorder, fresh
 
 SUBJECT = "ns/Deployment/app"
@@ -224,4 +224,6 @@ async def call_function(object_store: ObjectStore) -> AsyncIterator[FunctionCall
 
     registry = load_functions([])
     async with aiohttp.ClientSession() as http:
-        yield FunctionCaller(InProcessInvoker(registry, http, EnvSecretResolver(), object_store))
+        aws = AwsConfig(endpoint_url=object_store.endpoint_url, region="us-east-1")
+        invoker = InProcessInvoker(registry, http, EnvSecretResolver(), object_store, aws)
+        yield FunctionCaller(invoker)

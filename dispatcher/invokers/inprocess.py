@@ -13,6 +13,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 from dispatcher.invokers import Invocation
 from dispatcher.redaction import redactor
 from functions.sdk import (
+    AwsConfig,
     Context,
     FunctionRegistry,
     ObjectStore,
@@ -72,11 +73,13 @@ class InProcessInvoker:
         http: aiohttp.ClientSession,
         secrets: SecretResolver,
         object_store: ObjectStore | None = None,
+        aws: AwsConfig | None = None,
     ) -> None:
         self._registry = registry
         self._http = http
         self._secrets = secrets
         self._object_store = object_store or ObjectStore()
+        self._aws = aws or AwsConfig()
 
     async def invoke(self, invocation: Invocation) -> dict[str, Any]:
         spec = self._registry.get(invocation.function)
@@ -102,5 +105,6 @@ class InProcessInvoker:
             outputs=invocation.outputs,
             lease_id=invocation.lease_id,
             object_store=self._object_store,
+            aws=self._aws,
         )
         return outputs_of(await spec.fn(ctx, params))

@@ -53,6 +53,15 @@ class Execution:
         scope = base_scope(self.run)
         scope["steps"] = steps_scope(self.steps.values())
         scope["leases"] = lease_views(self.leases.values(), self.lease_outputs)
+        # What a report step (a finalizer) needs: did the phase fail, and where.
+        scope["run"] |= {
+            "failed": self.failed,
+            "allowed": self.run.allowed,
+            "reason": self.run.reason,
+            "failed_steps": [
+                name for name, s in self.steps.items() if s.status is StepStatus.FAILED
+            ],
+        }
         return scope
 
     def _need_problem(self, need: str) -> str | None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.journal import LeaseRecord, RunRecord, StepRecord, StepStatus
+from dispatcher.journal import LeaseRecord, RunRecord, StepRecord
 from functions.sdk import EventInfo
 
 
@@ -38,10 +38,21 @@ def event_info(run: RunRecord) -> EventInfo:
 
 
 def steps_scope(steps: Iterable[StepRecord]) -> dict[str, dict[str, Any]]:
+    """``steps.<name>``: status, outputs, error and timings of every finished step."""
+    return {s.name: _step_view(s) for s in steps if s.status.final}
+
+
+def _step_view(step: StepRecord) -> dict[str, Any]:
+    duration = None
+    if step.started_at is not None and step.finished_at is not None:
+        duration = round(step.finished_at - step.started_at, 3)
     return {
-        s.name: {"status": s.status.value, "outputs": s.outputs or {}, "error": s.error}
-        for s in steps
-        if s.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED)
+        "status": step.status.value,
+        "outputs": step.outputs or {},
+        "error": step.error,
+        "attempts": step.attempts,
+        "function": step.function,
+        "duration": duration,
     }
 
 

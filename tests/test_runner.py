@@ -300,3 +300,23 @@ spec:
     assert run["event"]["data"]["params"] == {"token": "**********"}
     assert by_name(run)["say"]["outputs"] == {"message": "token=**********"}
     assert token not in str(run)
+
+
+async def test_report_steps_see_the_run_outcome_and_timings(harness: HarnessFactory) -> None:
+    h = await harness(
+        {
+            "bp": blueprint("""
+- {name: broken, function: test.fail}
+- name: report
+  function: notify.log
+  when: always
+  with:
+    message: >-
+      failed={{ run.failed }} steps={{ run.failed_steps | join(',') }}
+      took={{ steps.broken.duration is number }} why={{ steps.broken.error }}
+""")
+        }
+    )
+    run = await h.final((await h.emit())["run_id"])
+    message = by_name(run)["report"]["outputs"]["message"]
+    assert message == "failed=True steps=broken took=True why=refused on purpose"

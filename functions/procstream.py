@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping, Sequence
 
 from functions.sdk import PermanentError, RetryableError
 
@@ -67,7 +67,7 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
 
 async def read_process(
     argv: Sequence[str], env: Mapping[str, str] | None = None, *, chunk_size: int = CHUNK
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the program's stdout; raise :class:`ProcessFailed` if it exits non-zero."""
     process = await _start(argv, env, stdin=False)
     errors = asyncio.create_task(_tail(process.stderr))
@@ -85,7 +85,11 @@ async def write_process(
     argv: Sequence[str], chunks: AsyncIterable[bytes], env: Mapping[str, str] | None = None
 ) -> str:
     """Feed ``chunks`` to the program's stdin; returns its stdout (bounded) on success."""
-    process = await _start(argv, env, stdin=True)
+    try:
+        process = await _start(argv, env, stdin=True)
+    except BaseException:
+        await _close_input(chunks)
+        raise
     errors = asyncio.create_task(_tail(process.stderr))
     output = asyncio.create_task(_tail(process.stdout))
     try:
@@ -102,12 +106,19 @@ async def write_process(
         await _finish(process, argv[0], await errors)
         raise
     finally:
+        await _close_input(chunks)  # stops a producer (e.g. a dump program) we no longer read
         await _kill(process)
         errors.cancel()
         output.cancel()
 
 
-async def gzip_stream(chunks: AsyncIterable[bytes], level: int = 6) -> AsyncIterator[bytes]:
+async def _close_input(chunks: AsyncIterable[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def gzip_stream(chunks: AsyncIterable[bytes], level: int = 6) -> AsyncGenerator[bytes, None]:
     """Compress a stream into gzip format as it flows."""
     compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
     async for chunk in chunks:
@@ -116,7 +127,7 @@ async def gzip_stream(chunks: AsyncIterable[bytes], level: int = 6) -> AsyncIter
     yield compressor.flush()
 
 
-async def gunzip_stream(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+async def gunzip_stream(chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
     """Decompress a gzip stream as it flows (memory bounded by the chunk size)."""
     decompressor = zlib.decompressobj(31)
     async for chunk in chunks:
@@ -126,3 +137,6 @@ async def gunzip_stream(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             yield decompressor.decompress(decompressor.unconsumed_tail, CHUNK * 4)
     if tail := decompressor.flush():
         yield tail
+    if not decompressor.eof:
+        # A cut-off object must not restore as a silently partial database.
+        raise PermanentError("the gzip stream is truncated (the object is incomplete)")

@@ -7,7 +7,7 @@ Shared by every dump/export function; it imports only the SDK and aiobotocore.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,7 +74,7 @@ def _failure(action: str, url: S3Url, exc: Exception) -> Exception:
     return RetryableError(f"{action} {url}: {type(exc).__name__}: {exc}")
 
 
-async def _parts(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:
+async def _parts(chunks: AsyncIterable[bytes], size: int) -> AsyncGenerator[bytes, None]:
     """Re-cut a stream into parts of exactly ``size`` bytes (the last may be shorter)."""
     buffer = bytearray()
     async for chunk in chunks:
@@ -121,6 +121,11 @@ async def upload_stream(
                 total += more
     except (ClientError, BotoCoreError, OSError) as exc:
         raise _failure("upload", target, exc) from None
+    finally:
+        # On failure, stop the producer (a dump program) instead of leaving it to the GC.
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
     return StoredObject(url=str(target), bytes=total, sha256=digest.hexdigest(), parts=numbers)
 
 
@@ -177,7 +182,7 @@ async def _multipart(
 
 async def download_stream(
     ctx: Context, url: str, *, chunk_size: int = READ_CHUNK
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The object at ``url`` as chunks, read as it is consumed."""
     target = S3Url.parse(url)
     try:

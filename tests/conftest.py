@@ -58,7 +58,8 @@ class Harness:
 
     @property
     def state(self) -> AppState:
-        return self.client.app[STATE]  # type: ignore[index]
+        state: AppState = self.client.app[STATE]
+        return state
 
     async def send(
         self,

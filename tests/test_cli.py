@@ -548,7 +548,7 @@ async def test_serve_the_readme_demo(serve: ServeFactory, tmp_path: Path) -> Non
         port=port,
     )  # fmt: skip
     ready = await wait_ready(served)
-    assert ready["blueprints"] == ["demo"]  # default hooks/ from the working directory
+    assert "demo" in ready["blueprints"]  # default hooks/ from the working directory
     emit = ["emit", "--url", f"{served.url}/v1/events", "--subject", DEMO_SUBJECT]
 
     # A pre event whose freeze fails on request: denied, exit 1, lease released.

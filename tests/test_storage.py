@@ -107,3 +107,9 @@ async def test_failing_process_reports_exit_code_and_stderr() -> None:
 async def test_call_function_fixture_reaches_moto(call_function: FunctionCaller) -> None:
     outputs = await call_function("sleep", {"seconds": 0})
     assert outputs == {"slept": 0.0}
+
+
+async def test_truncated_gzip_is_an_error_not_a_partial_restore() -> None:
+    packed = await collect(gzip_stream(chunks_of(os.urandom(100_000))))
+    with pytest.raises(PermanentError, match="truncated"):
+        await collect(gunzip_stream(chunks_of(packed[: len(packed) // 2])))

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from functions.sdk import Context, PermanentError, RetryableError
+
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioSession] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def aws_session() -> AioSession:
+    """One botocore session per event loop: it caches the (large) service models, which
+    would otherwise be loaded again for every client; per loop because refreshable
+    credentials hold asyncio locks bound to the loop that made them."""
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(loop)
+    if session is None:
+        session = _sessions[loop] = get_session()
+    return session
 
 
 @asynccontextmanager
@@ -17,8 +34,7 @@ async def aws_client(
     ctx: Context, service: str, *, region: str | None = None
 ) -> AsyncIterator[Any]:
     """An aiobotocore client for ``service`` (credentials from the usual AWS sources)."""
-    session = get_session()
-    async with session.create_client(
+    async with aws_session().create_client(
         service,  # type: ignore[call-overload]
         region_name=region or ctx.aws.region,
         endpoint_url=ctx.aws.endpoint_url,

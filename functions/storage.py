@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel
 
+from functions.aws import aws_session
 from functions.sdk import Context, ObjectStore, PermanentError, RetryableError
 
 if TYPE_CHECKING:
@@ -55,8 +55,7 @@ class StoredObject(BaseModel):
 
 @asynccontextmanager
 async def s3_client(store: ObjectStore) -> AsyncIterator[S3Client]:
-    session = get_session()
-    async with session.create_client(
+    async with aws_session().create_client(
         "s3", region_name=store.region, endpoint_url=store.endpoint_url
     ) as client:
         yield client

@@ -29,6 +29,7 @@ from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
 from dispatcher.templating import TemplateEngine
+from functions.httpguard import HttpPolicy, guarded_session
 from functions.sdk import (
     AwsConfig,
     FunctionRegistry,
@@ -128,9 +129,29 @@ def _lifecycle(
             journal = SQLiteJournal(settings.journal_path, synchronous=settings.journal_sync)
             await journal.open()
             stack.push_async_callback(journal.close)
-            http = aiohttp.ClientSession()
+            http = guarded_session(
+                HttpPolicy(
+                    allow_private=settings.http_allow_private,
+                    allow_loopback=settings.http_allow_loopback,
+                    timeout=settings.http_timeout,
+                    max_response_bytes=settings.http_max_response_bytes,
+                )
+            )
             stack.push_async_callback(http.close)
+            # The reply sink is operator configuration (often an in-cluster, private
+            # address), not blueprint input: it goes out on its own, unguarded session.
+            sink_http = aiohttp.ClientSession(trust_env=False)
+            stack.push_async_callback(sink_http.close)
             state = _build(app, settings, registry, secrets, engine, blueprints, journal, http)
+            if settings.sink_url:
+                state.replies = ReplySender(
+                    settings.sink_url,
+                    sink_http,
+                    state.metrics,
+                    source=settings.reply_source,
+                    attempts=settings.reply_attempts,
+                )
+                state.runner.on_final = state.replies.on_final
             stack.push_async_callback(_stop, state, settings)
             resumed = await state.runner.recover()
             # Releases left half-done by a crash may call slow functions: not before serving.
@@ -163,15 +184,6 @@ def _build(
     aws = AwsConfig(endpoint_url=settings.aws_endpoint_url, region=settings.aws_region)
     invoker = InProcessInvoker(registry, http, secrets, store, aws)
     leases = LeaseManager(journal, invoker, engine, registry, metrics)
-    replies = None
-    if settings.sink_url:
-        replies = ReplySender(
-            settings.sink_url,
-            http,
-            metrics,
-            source=settings.reply_source,
-            attempts=settings.reply_attempts,
-        )
     runner = Runner(
         journal,
         invoker,
@@ -179,13 +191,11 @@ def _build(
         engine,
         lambda: blueprints,
         metrics,
-        on_final=replies.on_final if replies is not None else None,
         max_concurrent=settings.max_concurrent_runs,
     )
     resolver = ConfigBindingResolver(settings.bindings)
     dispatcher = Dispatcher(journal, runner, resolver, lambda: blueprints, metrics)
     state = AppState(settings, blueprints, journal, runner, leases, dispatcher, metrics)
-    state.replies = replies
     app[STATE] = state
     return state
 

@@ -65,7 +65,7 @@ class Runner:
         self._engine = engine
         self._blueprints = blueprints
         self._metrics = metrics
-        self._on_final = on_final
+        self.on_final = on_final  # set after construction when replies are configured
         self._slots = asyncio.Semaphore(max_concurrent)
         self._clock = clock
         self._sleep = sleep
@@ -444,10 +444,10 @@ class Runner:
         log.info("run finished", extra={"run_id": run.run_id, "status": run.status.value})
         self._decided.signal(run.run_id)
         self._finished.signal(run.run_id)
-        if self._on_final is not None:
+        if self.on_final is not None:
             if steps is None:
                 steps = await self._journal.get_steps(run.run_id)
-            await self._on_final(run, steps)
+            await self.on_final(run, steps)
 
     async def _mark_running(self, ex: Execution, name: str, attempt: int) -> None:
         step_write = self._set_step(

@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     aws_endpoint_url: str | None = None
     aws_region: str = "us-east-1"
 
+    # Outbound HTTP of hook functions (ctx.http), see functions/httpguard.py. Link-local and
+    # cloud metadata addresses are refused whatever these say.
+    http_allow_private: bool = False  # 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7
+    http_allow_loopback: bool = True  # 127/8, ::1
+    http_timeout: Annotated[Duration, Field(gt=0)] = 30.0
+    http_max_response_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+
     function_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # names env() may read in templates; None = any
     env_allow: Annotated[list[str] | None, NoDecode] = None

@@ -1,4 +1,8 @@
-"""``http.request``: call an HTTP endpoint and check the status it answers."""
+"""``http.request``: call an HTTP endpoint and check the status it answers.
+
+It goes through ``ctx.http``, the dispatcher's guarded session (:mod:`functions.httpguard`):
+an address the policy refuses fails the step at once with the guard's message.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr
 
+from functions.httpguard import http_failure
 from functions.sdk import Context, PermanentError, RetryableError, function
 
 _MAX_BODY = 64 * 1024  # kept in outputs; larger answers are truncated
@@ -73,7 +78,8 @@ async def request(ctx: Context, p: RequestParams) -> RequestResult:
             raw = await resp.content.read(_MAX_BODY)
             status = resp.status
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise RetryableError(f"{p.method} {p.url.host}: {type(exc).__name__}: {exc}") from None
+        # Refused by the SSRF guard → permanent; connection trouble → retryable.
+        raise http_failure(f"{p.method} {p.url.host}", exc) from None
     text = _mask(raw.decode("utf-8", errors="replace"), p.secret_headers.values())
     if status not in p.expect_status:
         message = f"{p.method} {p.url.host}{p.url.path or ''} answered {status}"

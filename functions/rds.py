@@ -11,44 +11,37 @@ started) must not fail on "already exists": identifiers derive deterministically
 event, and an existing snapshot of the same database, or a database restored from the same
 snapshot, is adopted and waited for instead of created.
 
-Instance and cluster snapshots use twin APIs that differ only in spelling; :class:`_Kind`
-holds the spellings, so every step is written once.
+Instance and cluster snapshots use twin APIs that differ only in spelling; the spellings,
+the calls and the waits are in :mod:`functions.rds_api`, so every step here is written
+once. Identifiers and tags derived from the event are in :mod:`functions.rds_naming`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import re
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from functions.aws import aws_client, aws_failure
+from functions.aws import aws_client
+from functions.rds_api import (
+    KINDS,
+    ApiKind,
+    await_db,
+    await_snapshot,
+    call,
+    call_unless,
+    describe_snapshot,
+    find_db,
+    tag_value,
+    wait_deadline,
+)
+from functions.rds_naming import TAG_PREFIX, event_names, rds_identifier, resource_tags
 from functions.sdk import Context, PermanentError, RetryableError, function
 
-_MARGIN = 2.0  # seconds kept back so we, not the runner's timeout, say why we stopped
-_MAX_POLL = 30.0  # longest pause between two Describe calls
-_BUSY_DELAY = 30.0  # retry hint when RDS is busy with the database (backup window, modify)
-_TAG_PREFIX = "snaphook.io/"
 _REGION = r"^[a-z]{2}(-[a-z]+)+-\d+$"
 _DB_ID = r"^[A-Za-z][A-Za-z0-9-]{0,62}$"
-# RDS refuses these while the database is busy; it will not be for long.
-_BUSY = frozenset(
-    {
-        "InvalidDBInstanceState",
-        "InvalidDBInstanceStateFault",
-        "InvalidDBClusterStateFault",
-        "InvalidDBSnapshotState",
-        "InvalidDBClusterSnapshotStateFault",
-    }
-)
-_FAILED = frozenset({"failed", "error", "deleting", "deleted"})
 
 Kind = Literal["instance", "cluster"]
 
@@ -73,61 +66,6 @@ NameList = Annotated[list[str], BeforeValidator(_names_list)]
 OptionalPort = Annotated[
     Annotated[int, Field(ge=1, le=65535)] | None, BeforeValidator(_unset_if_blank)
 ]
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """How one kind of database and its snapshots are spelled in the RDS API."""
-
-    snapshot: str  # "DBSnapshot": keys are <snapshot>Identifier, <snapshot>Arn, ...
-    snapshot_method: str  # "db_snapshot": methods are create_<...>, copy_<...>
-    snapshot_exists: str  # error code of a duplicate snapshot identifier
-    snapshot_max_len: int
-    db: str  # "DBInstance": keys <db>Identifier, <db>Arn; answers {"<db>": {...}}
-    db_method: str  # "db_instance": describe_<...>s
-    db_status: str  # key of the database's status
-    db_not_found: str
-    db_exists: str
-    restore_method: str
-    restore_snapshot_key: str  # how the restore call names the snapshot
-
-    @property
-    def snapshot_id(self) -> str:
-        return f"{self.snapshot}Identifier"
-
-    @property
-    def db_id(self) -> str:
-        return f"{self.db}Identifier"
-
-
-_KINDS: dict[str, _Kind] = {
-    "instance": _Kind(
-        snapshot="DBSnapshot",
-        snapshot_method="db_snapshot",
-        snapshot_exists="DBSnapshotAlreadyExists",
-        snapshot_max_len=255,
-        db="DBInstance",
-        db_method="db_instance",
-        db_status="DBInstanceStatus",
-        db_not_found="DBInstanceNotFound",
-        db_exists="DBInstanceAlreadyExists",
-        restore_method="restore_db_instance_from_db_snapshot",
-        restore_snapshot_key="DBSnapshotIdentifier",
-    ),
-    "cluster": _Kind(
-        snapshot="DBClusterSnapshot",
-        snapshot_method="db_cluster_snapshot",
-        snapshot_exists="DBClusterSnapshotAlreadyExistsFault",
-        snapshot_max_len=63,
-        db="DBCluster",
-        db_method="db_cluster",
-        db_status="Status",
-        db_not_found="DBClusterNotFoundFault",
-        db_exists="DBClusterAlreadyExistsFault",
-        restore_method="restore_db_cluster_from_snapshot",
-        restore_snapshot_key="SnapshotIdentifier",
-    ),
-}
 
 
 # --- params and outputs ------------------------------------------------------------------
@@ -212,161 +150,12 @@ class RestoreResult(BaseModel):
     existed: bool
 
 
-# --- naming ------------------------------------------------------------------------------
-
-_PLACEHOLDER = re.compile(r"\{(\w*)\}")
-_NOT_NAME = re.compile(r"[^a-z0-9]+")
-_NOT_TAG = re.compile(r"[^\w\s.:/=+\-@]")
-
-
-def _event_names(ctx: Context, db: str) -> dict[str, str]:
-    """What identifier templates may name. ``{backup_id}`` falls back to the run id, which
-    a retried step keeps, so the identifier stays stable either way."""
-    backup = _mapping(ctx.event.data.get("backup"))
-    target = _mapping(ctx.event.data.get("target"))
-    return {
-        "db": db,
-        "backup_id": str(backup.get("id") or ctx.run_id),
-        "backup_name": str(backup.get("name") or ""),
-        "run_id": ctx.run_id,
-        "namespace": str(target.get("namespace") or ""),
-        "target": str(target.get("name") or ""),
-    }
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def rds_identifier(template: str, names: Mapping[str, str], max_len: int) -> str:
-    """Fill ``template`` and make the result a valid RDS identifier: lower-case letters,
-    digits and single hyphens, starting with a letter. An over-long result is cut and gets
-    a digest of the whole, so two long names never collapse into one."""
-
-    def fill(match: re.Match[str]) -> str:
-        key = match.group(1)
-        if key not in names:
-            known = ", ".join(f"{{{name}}}" for name in names)
-            raise PermanentError(f"identifier template: unknown {{{key}}} (known: {known})")
-        return names[key]
-
-    name = _NOT_NAME.sub("-", _PLACEHOLDER.sub(fill, template).lower()).strip("-")
-    if not name:
-        raise PermanentError(f"identifier template {template!r} renders empty")
-    if not name[0].isalpha():
-        name = f"snaphook-{name}"
-    if len(name) > max_len:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-        name = f"{name[: max_len - 9].rstrip('-')}-{digest}"
-    return name
-
-
-def _tags(ctx: Context, extra: Mapping[str, str], **more: str) -> list[dict[str, str]]:
-    """The caller's tags plus ours (ours win: they are how a snapshot is traced back)."""
-    backup = _mapping(ctx.event.data.get("backup"))
-    ours = {
-        "backup-id": str(backup.get("id") or ""),
-        "backup-name": str(backup.get("name") or ""),
-        "run-id": ctx.run_id,
-        **more,
-    }
-    tags = dict(extra)
-    tags.update({_TAG_PREFIX + key: value for key, value in ours.items() if value})
-    # RDS refuses a whole request over one odd character in a tag value.
-    return [{"Key": k, "Value": _NOT_TAG.sub("_", v)[:256]} for k, v in tags.items()]
-
-
-# --- calling RDS -------------------------------------------------------------------------
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _failure(method: str, exc: ClientError | BotoCoreError) -> Exception:
-    """A failed RDS call as a function error: busy → retry soon, refused → give up."""
-    if isinstance(exc, ClientError) and _code(exc) in _BUSY:
-        return RetryableError(f"{method}: {_code(exc)}", delay=_BUSY_DELAY)
-    return aws_failure(method, exc)
-
-
-async def _call(client: Any, method: str, **kwargs: Any) -> dict[str, Any]:
-    try:
-        answer: dict[str, Any] = await getattr(client, method)(**kwargs)
-    except (ClientError, BotoCoreError) as exc:
-        raise _failure(method, exc) from None
-    return answer
-
-
-async def _call_unless(client: Any, code: str, method: str, **kwargs: Any) -> Any:
-    """``method``'s answer, or ``None`` if RDS answers with error ``code`` (a duplicate,
-    a missing resource): the caller has a plan for that one."""
-    try:
-        return await getattr(client, method)(**kwargs)
-    except ClientError as exc:
-        if _code(exc) == code:
-            return None
-        raise _failure(method, exc) from None
-    except BotoCoreError as exc:
-        raise _failure(method, exc) from None
-
-
-async def _find_db(client: Any, kind: _Kind, identifier: str) -> dict[str, Any] | None:
-    method = f"describe_{kind.db_method}s"
-    answer = await _call_unless(client, kind.db_not_found, method, **{kind.db_id: identifier})
-    return None if answer is None else dict(answer[f"{kind.db}s"][0])
-
-
-async def _describe_snapshot(client: Any, kind: _Kind, identifier: str) -> dict[str, Any]:
-    answer = await _call(
-        client, f"describe_{kind.snapshot_method}s", **{kind.snapshot_id: identifier}
-    )
-    found: dict[str, Any] = answer[f"{kind.snapshot}s"][0]
-    return found
-
-
-async def _tag_value(client: Any, arn: str, key: str) -> str | None:
-    answer = await _call(client, "list_tags_for_resource", ResourceName=arn)
-    return next((t["Value"] for t in answer.get("TagList", []) if t["Key"] == key), None)
-
-
-# --- waiting -----------------------------------------------------------------------------
-
-
-def _deadline(ctx: Context, wait: float) -> float:
-    return time.monotonic() + min(wait, max(0.0, ctx.remaining() - _MARGIN))
-
-
-async def _until_available(
-    describe: Callable[[], Awaitable[dict[str, Any]]],
-    current: dict[str, Any],
-    status_key: str,
-    what: str,
-    deadline: float,
-    interval: float,
-) -> dict[str, Any]:
-    """Describe until ``available``, pausing ``interval`` doubling up to 30 s. Past the
-    deadline it is retryable: the retry adopts the same resource and waits on."""
-    while True:
-        status = str(current.get(status_key, "")).lower()
-        if status == "available":
-            return current
-        if status in _FAILED or status.startswith(("incompatible-", "inaccessible-")):
-            raise PermanentError(f"{what} is {status}")
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RetryableError(f"{what} is still {status or 'unknown'}")
-        await asyncio.sleep(min(interval, left))
-        interval = min(interval * 2, _MAX_POLL)
-        current = await describe()
-
-
 # --- rds.snapshot ------------------------------------------------------------------------
 
 
 async def _snapshot_in(
     client: Any,
-    kind: _Kind,
+    kind: ApiKind,
     *,
     method: str,
     identifier: str,
@@ -375,37 +164,21 @@ async def _snapshot_in(
 ) -> tuple[dict[str, Any], bool]:
     """Create (or copy) a snapshot; if ``identifier`` exists already, adopt it when it is
     of the same database, else refuse: it is somebody else's snapshot."""
-    answer = await _call_unless(client, kind.snapshot_exists, method, **kwargs)
+    answer = await call_unless(client, kind.snapshot_exists, method, **kwargs)
     if answer is not None:
         created: dict[str, Any] = answer[kind.snapshot]
         return created, False
-    existing = await _describe_snapshot(client, kind, identifier)
+    existing = await describe_snapshot(client, kind, identifier)
     owner = str(existing.get(kind.db_id, ""))
     if owner.lower() != db.lower():
         raise PermanentError(f"snapshot {identifier} exists already, of {owner or 'another db'}")
     return existing, True
 
 
-async def _await_snapshot(
-    client: Any, kind: _Kind, snap: dict[str, Any], deadline: float, p: SnapshotParams
-) -> dict[str, Any]:
-    if p.wait == 0:
-        return snap
-    identifier = snap[kind.snapshot_id]
-    return await _until_available(
-        lambda: _describe_snapshot(client, kind, identifier),
-        snap,
-        "Status",
-        f"snapshot {identifier}",
-        deadline,
-        p.poll_interval,
-    )
-
-
 async def _copy_snapshot(
     ctx: Context,
     p: SnapshotParams,
-    kind: _Kind,
+    kind: ApiKind,
     source: dict[str, Any],
     tags: list[dict[str, str]],
     deadline: float,
@@ -430,7 +203,7 @@ async def _copy_snapshot(
             },
             **options,
         )
-        snap = await _await_snapshot(client, kind, snap, deadline, p)
+        snap = await await_snapshot(client, kind, snap, deadline, p)
     return SnapshotCopy(
         region=p.copy_to_region,
         identifier=identifier,
@@ -443,13 +216,13 @@ async def _copy_snapshot(
 @function("rds.snapshot")
 async def snapshot(ctx: Context, p: SnapshotParams) -> SnapshotResult:
     """Snapshot an RDS instance or cluster, tagged with the backup; wait; copy if asked."""
-    kind = _KINDS[p.kind]
+    kind = KINDS[p.kind]
     region = p.region or ctx.aws.region
     if p.copy_to_region == region:
         raise PermanentError(f"copy_to_region is the snapshot's own region {region}")
-    identifier = rds_identifier(p.identifier, _event_names(ctx, p.db), kind.snapshot_max_len)
-    tags = _tags(ctx, p.tags)
-    deadline = _deadline(ctx, p.wait)
+    identifier = rds_identifier(p.identifier, event_names(ctx, p.db), kind.snapshot_max_len)
+    tags = resource_tags(ctx, p.tags)
+    deadline = wait_deadline(ctx, p.wait)
     async with aws_client(ctx, "rds", region=region) as client:
         snap, existed = await _snapshot_in(
             client,
@@ -460,7 +233,7 @@ async def snapshot(ctx: Context, p: SnapshotParams) -> SnapshotResult:
             Tags=tags,
             **{kind.db_id: p.db, kind.snapshot_id: identifier},
         )
-        snap = await _await_snapshot(client, kind, snap, deadline, p)
+        snap = await await_snapshot(client, kind, snap, deadline, p)
     ctx.logger.info("snapshot %s of %s is %s", identifier, p.db, snap.get("Status"))
     region_copy = None
     if p.copy_to_region:
@@ -501,10 +274,10 @@ def _restore_options(p: RestoreParams) -> dict[str, Any]:
     return {k: v for k, v in {**common, **specific}.items() if v is not None}
 
 
-async def _adopt_restored(client: Any, kind: _Kind, db: dict[str, Any], snapshot: str) -> None:
+async def _adopt_restored(client: Any, kind: ApiKind, db: dict[str, Any], snapshot: str) -> None:
     """An existing target is ours only if an earlier attempt restored it from this very
     snapshot (our tag says so); anything else is a database we must not touch."""
-    restored_from = await _tag_value(client, db[f"{kind.db}Arn"], _TAG_PREFIX + "restored-from")
+    restored_from = await tag_value(client, db[f"{kind.db}Arn"], TAG_PREFIX + "restored-from")
     if restored_from != snapshot:
         raise PermanentError(
             f"{kind.db} {db[kind.db_id]} exists already and was not restored from {snapshot}"
@@ -512,12 +285,12 @@ async def _adopt_restored(client: Any, kind: _Kind, db: dict[str, Any], snapshot
 
 
 async def _restore_db(
-    client: Any, kind: _Kind, target: str, snapshot: str, options: dict[str, Any]
+    client: Any, kind: ApiKind, target: str, snapshot: str, options: dict[str, Any]
 ) -> tuple[dict[str, Any], bool]:
     # Look first: not every RDS endpoint refuses a duplicate cluster identifier.
-    existing = await _find_db(client, kind, target)
+    existing = await find_db(client, kind, target)
     if existing is None:
-        answer = await _call_unless(
+        answer = await call_unless(
             client,
             kind.db_exists,
             kind.restore_method,
@@ -527,7 +300,7 @@ async def _restore_db(
         if answer is not None:
             created: dict[str, Any] = answer[kind.db]
             return created, False
-        existing = await _find_db(client, kind, target)  # lost a race with a retry
+        existing = await find_db(client, kind, target)  # lost a race with a retry
         if existing is None:
             raise RetryableError(f"{kind.db} {target} exists but cannot be described yet")
     await _adopt_restored(client, kind, existing, snapshot)
@@ -539,16 +312,16 @@ async def _writer_instance(
 ) -> dict[str, Any]:
     """A restored Aurora cluster has no instance to serve from; create its writer."""
     assert p.instance_class is not None
-    kind = _KINDS["instance"]
+    kind = KINDS["instance"]
     cluster_id = cluster["DBClusterIdentifier"]
     identifier = rds_identifier(f"{cluster_id}-1", {}, 63)
-    existing = await _find_db(client, kind, identifier)
+    existing = await find_db(client, kind, identifier)
     if existing is not None:
         if existing.get("DBClusterIdentifier") != cluster_id:
             raise PermanentError(f"DB instance {identifier} exists already, outside {cluster_id}")
         return existing
     options = {"PubliclyAccessible": p.publicly_accessible, "AvailabilityZone": p.availability_zone}
-    answer = await _call(
+    answer = await call(
         client,
         "create_db_instance",
         DBInstanceIdentifier=identifier,
@@ -562,27 +335,10 @@ async def _writer_instance(
     return created
 
 
-async def _await_db(
-    client: Any, kind: _Kind, db: dict[str, Any], deadline: float, p: RestoreParams
-) -> dict[str, Any]:
-    if p.wait == 0:
-        return db
-    identifier = db[kind.db_id]
-
-    async def describe() -> dict[str, Any]:
-        found = await _find_db(client, kind, identifier)
-        if found is None:
-            raise PermanentError(f"{kind.db} {identifier} disappeared while restoring")
-        return found
-
-    what = f"{kind.db} {identifier}"
-    return await _until_available(describe, db, kind.db_status, what, deadline, p.poll_interval)
-
-
 def _restore_result(
     p: RestoreParams, region: str, snapshot: str, db: dict[str, Any], existed: bool
 ) -> RestoreResult:
-    kind = _KINDS[p.kind]
+    kind = KINDS[p.kind]
     endpoint: Any = db.get("Endpoint")  # instances: {"Address", "Port"}; clusters: a host
     port = db.get("Port")
     if isinstance(endpoint, Mapping):
@@ -606,24 +362,24 @@ def _restore_result(
 @function("rds.restore")
 async def restore(ctx: Context, p: RestoreParams) -> RestoreResult:
     """Restore a snapshot into a new instance or cluster and wait until it is available."""
-    kind = _KINDS[p.kind]
+    kind = KINDS[p.kind]
     region = p.region or ctx.aws.region
-    names = _event_names(ctx, p.db)
+    names = event_names(ctx, p.db)
     snapshot = rds_identifier(p.snapshot, names, kind.snapshot_max_len)
     target = rds_identifier(p.target, names, 63)
-    tags = _tags(ctx, p.tags, **{"restored-from": snapshot})
-    deadline = _deadline(ctx, p.wait)
+    tags = resource_tags(ctx, p.tags, **{"restored-from": snapshot})
+    deadline = wait_deadline(ctx, p.wait)
     options = _restore_options(p)
     async with aws_client(ctx, "rds", region=region) as client:
         if p.kind == "cluster" and "Engine" not in options:
             # Required by the cluster restore call; the snapshot knows it.
-            options["Engine"] = (await _describe_snapshot(client, kind, snapshot))["Engine"]
+            options["Engine"] = (await describe_snapshot(client, kind, snapshot))["Engine"]
         db, existed = await _restore_db(client, kind, target, snapshot, {**options, "Tags": tags})
-        db = await _await_db(client, kind, db, deadline, p)
+        db = await await_db(client, kind, db, deadline, p)
         result = _restore_result(p, region, snapshot, db, existed)
         if p.kind == "cluster" and p.instance_class:
             writer = await _writer_instance(client, db, p, tags)
-            writer = await _await_db(client, _KINDS["instance"], writer, deadline, p)
+            writer = await await_db(client, KINDS["instance"], writer, deadline, p)
             result.instance = writer["DBInstanceIdentifier"]
     ctx.logger.info("restored %s from %s: %s", target, snapshot, result.status)
     return result

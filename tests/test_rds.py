@@ -17,7 +17,8 @@ import pytest
 from aiobotocore.session import get_session
 
 from dispatcher.invokers import Invocation
-from functions.rds import _until_available, rds_identifier
+from functions.rds import rds_identifier
+from functions.rds_api import until_available
 from functions.sdk import EventInfo, PermanentError, RetryableError
 from tests.conftest import FunctionCaller, HarnessFactory
 
@@ -165,7 +166,7 @@ async def test_wait_polls_until_available() -> None:
         return {"Status": next(states)}
 
     current = {"Status": "creating"}
-    found = await _until_available(describe, current, "Status", "s", time.monotonic() + 5, 0.01)
+    found = await until_available(describe, current, "Status", "s", time.monotonic() + 5, 0.01)
     assert found == {"Status": "available"}
     assert len(calls) == 2
 
@@ -175,7 +176,7 @@ async def test_wait_past_the_deadline_is_retryable() -> None:
         return {"Status": "creating"}
 
     with pytest.raises(RetryableError, match="s1 is still creating"):
-        await _until_available(
+        await until_available(
             describe, {"Status": "creating"}, "Status", "s1", time.monotonic() + 0.05, 0.01
         )
 
@@ -185,7 +186,7 @@ async def test_wait_on_a_failed_resource_is_permanent() -> None:
         return {"Status": "incompatible-restore"}
 
     with pytest.raises(PermanentError, match="db1 is incompatible-restore"):
-        await _until_available(
+        await until_available(
             describe, {"Status": "creating"}, "Status", "db1", time.monotonic() + 5, 0.01
         )
 

@@ -14,12 +14,11 @@ programs get a minimal environment, so the dispatcher's own secrets stay out of 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from pydantic import BaseModel, Field
 
@@ -32,7 +31,7 @@ from functions.procstream import (
     write_process,
 )
 from functions.sdk import Context, FunctionError, PermanentError, function
-from functions.storage import download_stream, upload_stream
+from functions.storage import StreamTally, download_stream, upload_stream
 
 _MIB = 1024 * 1024
 # How the client programs print a server error: "ERROR 1045 (28000): ..." (mariadb,
@@ -199,20 +198,6 @@ async def dump(ctx: Context, p: DumpParams) -> DumpResult:
     )
 
 
-class _Tally:
-    """Counts and hashes the bytes flowing past."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.sha256 = hashlib.sha256()
-
-    async def through(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            self.bytes += len(chunk)
-            self.sha256.update(chunk)
-            yield chunk
-
-
 async def _create_database(p: RestoreParams, timeout: float) -> bool:
     session = await open_session(p.host, p, timeout)
     try:
@@ -239,7 +224,7 @@ async def restore(ctx: Context, p: RestoreParams) -> RestoreResult:
         return RestoreResult(database=p.database, skipped=True)
     program = _program("mariadb", "mysql")
     created = await _create_database(p, ctx.remaining()) if p.create else False
-    tally = _Tally()
+    tally = StreamTally()
     with _defaults_file(p) as options:
         argv = [
             program,
@@ -258,5 +243,5 @@ async def restore(ctx: Context, p: RestoreParams) -> RestoreResult:
                 raise _client_failure(exc) from None
     ctx.logger.info("restored %s from %s: %d bytes", p.database, p.from_, tally.bytes)
     return RestoreResult(
-        database=p.database, created=created, bytes=tally.bytes, sha256=tally.sha256.hexdigest()
+        database=p.database, created=created, bytes=tally.bytes, sha256=tally.sha256
     )

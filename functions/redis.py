@@ -33,7 +33,13 @@ from functions.redis_conn import Server, call, connect
 from functions.redis_format import NO_EXPIRY, Reader, end, header, record
 from functions.redis_restore import Restorer
 from functions.sdk import Context, PermanentError, RetryableError, function
-from functions.storage import DEFAULT_PART, MIN_PART, download_stream, upload_stream
+from functions.storage import (
+    DEFAULT_PART,
+    MIN_PART,
+    StreamTally,
+    download_stream,
+    upload_stream,
+)
 
 _T = TypeVar("_T")
 _MARGIN = 0.25  # give up this long before the step's timeout, with a clearer message
@@ -283,20 +289,6 @@ class ImportResult(BaseModel):
     sha256: str  # of the object read
 
 
-@dataclass
-class _Digest:
-    """sha256 and size of the object as it is read."""
-
-    sha256: Any = field(default_factory=hashlib.sha256)
-    size: int = 0
-
-    async def through(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            self.sha256.update(chunk)
-            self.size += len(chunk)
-            yield chunk
-
-
 async def _restore(p: ImportParams, reader: Reader, source_version: str) -> Restorer:
     async with connect(p.url, p.db) as (client, server):
         rule = p.rename_prefix
@@ -320,7 +312,7 @@ async def import_(ctx: Context, p: ImportParams) -> ImportResult:
     Existing keys fail the step with BUSYKEY unless ``replace`` is set; all other keys
     are restored all the same, so a re-run with ``replace: true`` completes the import.
     """
-    digest = _Digest()
+    digest = StreamTally()
     async with (
         _closing(download_stream(ctx, p.source)) as raw,
         _closing(digest.through(raw)) as hashed,
@@ -334,7 +326,7 @@ async def import_(ctx: Context, p: ImportParams) -> ImportResult:
         except zlib.error:
             raise PermanentError(f"{p.source} is not a valid gzip stream") from None
     restorer.check_busy()
-    sha256 = digest.sha256.hexdigest()
+    sha256 = digest.sha256
     if p.sha256 is not None and sha256 != p.sha256:
         raise PermanentError(f"{p.source}: sha256 {sha256} is not the expected {p.sha256}")
     ctx.logger.info("restored %d keys into %s", restorer.keys, restorer.server.name)
@@ -343,6 +335,6 @@ async def import_(ctx: Context, p: ImportParams) -> ImportResult:
         keys=restorer.keys,
         expired=restorer.expired,
         renamed=restorer.renamed,
-        bytes=digest.size,
+        bytes=digest.bytes,
         sha256=sha256,
     )

@@ -44,6 +44,25 @@ class S3Url:
         return f"s3://{self.bucket}/{self.key}"
 
 
+class StreamTally:
+    """Size and sha256 of the bytes flowing past, so a restore can check what it read
+    against what the dump recorded without a second pass."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._sha256 = hashlib.sha256()
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    async def through(self, chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
+        async for chunk in chunks:
+            self.bytes += len(chunk)
+            self._sha256.update(chunk)
+            yield chunk
+
+
 class StoredObject(BaseModel):
     """What a dump step reports: enough to find, verify and restore the object."""
 

@@ -96,8 +96,6 @@ class Settings(BaseSettings):
     reply_source: str = "snaphook"
     reply_attempts: int = Field(default=5, ge=1, le=50)
 
-    # NoDecode: the environment source hands these over as raw strings ("a,b" or JSON),
-    # decoded by ``_comma_separated`` rather than by pydantic-settings' JSON-only parsing.
     # Where s3:// URLs of dumps point; unset = AWS. Credentials: the usual AWS_* sources.
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
@@ -112,6 +110,8 @@ class Settings(BaseSettings):
     http_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     http_max_response_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
 
+    # NoDecode: the environment source hands these over as raw strings ("a,b" or JSON),
+    # decoded by ``_comma_separated`` rather than by pydantic-settings' JSON-only parsing.
     function_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # names env() may read in templates; None = any
     env_allow: Annotated[list[str] | None, NoDecode] = None

@@ -476,7 +476,8 @@ def _smtp_failure(exc: Exception) -> FunctionError:
         exc.__cause__, ssl.SSLCertVerificationError
     ):
         return PermanentError(f"smtp: TLS certificate not trusted: {exc}")
-    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+    if isinstance(exc, aiosmtplib.SMTPNotSupported) or type(exc) is aiosmtplib.SMTPException:
+        # The server lacks what we asked for (STARTTLS, an AUTH method): retrying won't help.
         return PermanentError(f"smtp: {exc}")
     return RetryableError(f"smtp: {type(exc).__name__}: {exc}")
 

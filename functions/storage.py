@@ -1,5 +1,5 @@
 """Stream bytes to and from S3 without holding them whole: multipart upload in bounded
-parts, sha256 and size computed on the way, ranged reads back.
+parts, sha256 and size computed on the way, streamed reads back.
 
 Shared by every dump/export function; it imports only the SDK and aiobotocore.
 """

@@ -60,6 +60,7 @@ def lease_json(lease: LeaseRecord) -> dict[str, Any]:
         "released_at": lease.released_at,
         "released_by": lease.released_by,
         "error": lease.error,
+        "release_outputs": lease.release_outputs,
     }
 
 

@@ -115,7 +115,9 @@ class LeaseManager:
             lease.released_at, lease.error = current.released_at, current.error
         return lease
 
-    async def mark_released(self, lease: LeaseRecord, by: str) -> None:
+    async def mark_released(
+        self, lease: LeaseRecord, by: str, outputs: dict[str, Any] | None = None
+    ) -> None:
         now = self._clock()
         await self._journal.transition_lease(
             lease.lease_id,
@@ -123,7 +125,9 @@ class LeaseManager:
             status=LeaseStatus.RELEASED,
             released_at=now,
             released_by=by,
+            release_outputs=outputs,
         )
+        lease.release_outputs = outputs
         lease.status, lease.released_at, lease.released_by = LeaseStatus.RELEASED, now, by
         self._metrics.open_leases.dec()
         log.info("lease released", extra=_fields(lease, by=by))
@@ -149,7 +153,7 @@ class LeaseManager:
             return False
         lease.status = LeaseStatus.RELEASING
         try:
-            await self._call_release(lease)
+            outputs = await self._call_release(lease)
         except Exception as exc:  # one failing release must not stop the others
             message = classify(exc, timeout=RELEASE_TIMEOUT).message
             await self._journal.transition_lease(
@@ -165,7 +169,7 @@ class LeaseManager:
             self._metrics.lease_release_failures.inc()
             log.error("lease release failed", extra=_fields(lease, by=by, error=message))
             raise LeaseReleaseError([(lease.lease_id, message)]) from None
-        await self.mark_released(lease, by)
+        await self.mark_released(lease, by, outputs)
         return True
 
     async def release_all(self, leases: Sequence[LeaseRecord], by: str) -> int:
@@ -214,7 +218,7 @@ class LeaseManager:
                 log.exception("lease reaper pass failed; retrying next interval")
             await self._sleep(interval)
 
-    async def _call_release(self, lease: LeaseRecord) -> None:
+    async def _call_release(self, lease: LeaseRecord) -> dict[str, Any]:
         outputs = await self._freeze_outputs(lease)
         view = LeaseView(lease.lease_id, lease.step, outputs, lease.expires_at)
         scope = {**lease.context, "lease": view}
@@ -236,15 +240,14 @@ class LeaseManager:
             timeout=RELEASE_TIMEOUT,
             lease_id=lease.lease_id,
         )
-        await self._invoke_with_retry(invocation)
+        return await self._invoke_with_retry(invocation)
 
-    async def _invoke_with_retry(self, invocation: Invocation) -> None:
+    async def _invoke_with_retry(self, invocation: Invocation) -> dict[str, Any]:
         for attempt in range(1, RELEASE_ATTEMPTS + 1):
             current = Invocation(**{**invocation.__dict__, "attempt": attempt})
             try:
                 async with asyncio.timeout(RELEASE_TIMEOUT):
-                    await self._invoker.invoke(current)
-                return
+                    return await self._invoker.invoke(current)
             except Exception as exc:
                 failure = classify(exc, timeout=RELEASE_TIMEOUT)
                 if not failure.retryable or attempt == RELEASE_ATTEMPTS:
@@ -253,6 +256,7 @@ class LeaseManager:
                 if delay is None:
                     delay = backoff_delay(attempt, base=RELEASE_BACKOFF, cap=30.0)
                 await self._sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _accepts(self, function: str, field: str) -> bool:
         spec = self._registry.get(function)

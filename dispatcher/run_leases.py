@@ -99,10 +99,12 @@ class RunLeases:
         for lease in ex.claimed.pop(planned.name, []):
             await self._leases.unclaim(lease)
 
-    async def released_by_step(self, ex: Execution, planned: PlannedStep) -> None:
+    async def released_by_step(
+        self, ex: Execution, planned: PlannedStep, outputs: dict[str, Any]
+    ) -> None:
         """The releasing step succeeded: the leases it claimed are released."""
         for lease in ex.claimed.pop(planned.name, []):
-            await self._leases.mark_released(lease, self._by_step(ex, planned))
+            await self._leases.mark_released(lease, self._by_step(ex, planned), outputs)
 
     async def check_late_freeze(self, ex: Execution, planned: PlannedStep) -> None:
         """A freeze that succeeded after its lease ended is undone at once."""

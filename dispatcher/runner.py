@@ -382,7 +382,7 @@ class Runner:
             error=None,
             finished_at=self._clock(),
         )
-        await self._run_leases.released_by_step(ex, planned)
+        await self._run_leases.released_by_step(ex, planned, outputs)
         log.info("step succeeded", extra=ex.log_fields(step=planned.name))
 
     async def _step_failed(self, ex: Execution, planned: PlannedStep, message: str) -> None:

@@ -173,3 +173,15 @@ async def test_denied_on_timeout_stops_the_run_and_thaws(harness: HarnessFactory
     [lease] = await leases_of(h, pre["run_id"])
     assert (lease["status"], lease["released_by"]) == ("released", "run-failed")
     assert h.recorder.frozen == {"orders": False}
+
+
+async def test_what_the_release_returned_is_kept_on_the_lease(harness: HarnessFactory) -> None:
+    h = await harness({"bp": blueprint(ttl="300ms")}, lease_reap_interval=0.05)
+    pre = await h.emit("backup.pre", wait=5)
+    for _ in range(200):
+        [lease] = await leases_of(h, pre["run_id"])
+        if lease["status"] == "released":
+            break
+        await asyncio.sleep(0.02)
+    # The reaper's thaw answered {db, frozen}: kept, as a post step's would be.
+    assert lease["release_outputs"] == {"db": "orders", "frozen": False}

@@ -104,6 +104,8 @@ class LeaseRecord:
     released_at: float | None = None
     released_by: str | None = None  # "post:<run_id>" | "run-failed" | "reaper" | ...
     error: str | None = None
+    # What the release function returned (e.g. PostgreSQL's backup label), whoever called it.
+    release_outputs: dict[str, Any] | None = None
 
 
 class Journal(Protocol):

@@ -62,7 +62,7 @@ _SCHEMA: Final = (
         target TEXT NOT NULL, backup_id TEXT NOT NULL, release_function TEXT NOT NULL,
         release_with TEXT NOT NULL, context TEXT NOT NULL, expires_at REAL NOT NULL,
         status TEXT NOT NULL, created_at REAL NOT NULL, released_at REAL,
-        released_by TEXT, error TEXT)""",
+        released_by TEXT, error TEXT, release_outputs TEXT)""",
     # (status, created_at) serves both "runs by status" and its newest-first listing.
     "CREATE INDEX IF NOT EXISTS runs_status ON runs (status, created_at)",
     "CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at DESC)",
@@ -187,8 +187,14 @@ _LEASES = _Table(
         "created_at": float,
         "released_at": _opt_float,
         **dict.fromkeys(("released_by", "error"), _opt_text),
+        "release_outputs": _opt_json,
     },
-    decode={"status": LeaseStatus, "release_with": json.loads, "context": json.loads},
+    decode={
+        "status": LeaseStatus,
+        "release_with": json.loads,
+        "context": json.loads,
+        "release_outputs": _optional(json.loads),
+    },
     fixed=frozenset({"lease_id", "run_id", "created_at"}),
 )
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping, Sequence
 
@@ -16,6 +18,10 @@ from functions.sdk import PermanentError, RetryableError
 
 CHUNK = 256 * 1024
 STDERR_TAIL = 4096
+MIB = 1024 * 1024
+READ_AHEAD = 8 * MIB  # output buffered while a part uploads, so the program never waits
+PIPE_SIZE = MIB  # Linux's default ceiling for unprivileged processes (fs.pipe-max-size)
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, spelled out: typeshed lacks it before 3.12
 
 
 class ProcessFailed(RetryableError):
@@ -28,13 +34,17 @@ class ProcessFailed(RetryableError):
 
 
 async def _start(
-    argv: Sequence[str], env: Mapping[str, str] | None, *, stdin: bool
+    argv: Sequence[str],
+    env: Mapping[str, str] | None,
+    *,
+    stdin: bool,
+    stdout: int = asyncio.subprocess.PIPE,
 ) -> asyncio.subprocess.Process:
     try:
         return await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
+            stdout=stdout,
             stderr=asyncio.subprocess.PIPE,
             env=dict(env) if env is not None else None,
         )
@@ -68,15 +78,37 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
 async def read_process(
     argv: Sequence[str], env: Mapping[str, str] | None = None, *, chunk_size: int = CHUNK
 ) -> AsyncGenerator[bytes, None]:
-    """Yield the program's stdout; raise :class:`ProcessFailed` if it exits non-zero."""
-    process = await _start(argv, env, stdin=False)
+    """Yield the program's stdout; raise :class:`ProcessFailed` if it exits non-zero.
+
+    The program writes into a pipe of our own rather than the subprocess transport's:
+    * widened to PIPE_SIZE, so a dump program keeps writing while the event loop is busy
+      hashing and sending a part, instead of stalling after the default 64 KiB;
+    * read by a StreamReader that buffers up to READ_AHEAD while a part uploads;
+    * stopping early cannot hang: on Python 3.11 ``Process.wait()`` returns only once the
+      transport's pipes are closed, which a reader paused by back-pressure never notices.
+    """
+    loop = asyncio.get_running_loop()
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # a smaller pipe is slower, not wrong
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+    try:
+        process = await _start(argv, env, stdin=False, stdout=write_end)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # the program has its copy; EOF comes when it exits
+    stdout = asyncio.StreamReader(limit=READ_AHEAD // 2)  # reading pauses at twice the limit
+    pipe, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_end, "rb", buffering=0)
+    )
     errors = asyncio.create_task(_tail(process.stderr))
     try:
-        assert process.stdout is not None
-        while chunk := await process.stdout.read(chunk_size):
+        while chunk := await stdout.read(chunk_size):
             yield chunk
         await _finish(process, argv[0], await errors)
     finally:
+        pipe.close()
         await _kill(process)
         errors.cancel()
 

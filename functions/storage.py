@@ -98,8 +98,10 @@ async def _parts(chunks: AsyncIterable[bytes], size: int) -> AsyncGenerator[byte
     async for chunk in chunks:
         buffer += chunk
         while len(buffer) >= size:
-            yield bytes(buffer[:size])
+            with memoryview(buffer) as view:
+                part = bytes(view[:size])  # one copy of the part, not two
             del buffer[:size]
+            yield part
     if buffer:
         yield bytes(buffer)
 
@@ -112,31 +114,25 @@ async def upload_stream(
     part_size: int = DEFAULT_PART,
     content_type: str = "application/octet-stream",
 ) -> StoredObject:
-    """Upload ``chunks`` to ``url``; at most about two parts are in memory at any time.
+    """Upload ``chunks`` to ``url``, holding about one part in memory (plus what is being
+    cut into the next).
 
     A stream that fits one part is a single PUT; anything larger is a multipart upload,
     aborted on failure so no orphaned parts keep costing money.
     """
     target = S3Url.parse(url)
-    part_size = max(part_size, MIN_PART)
-    digest, total, numbers = hashlib.sha256(), 0, 0
+    upload = _Upload(ctx, target, content_type)
     try:
         async with s3_client(ctx.object_store) as s3:
-            parts = _parts(chunks, part_size)
+            parts = _parts(chunks, max(part_size, MIN_PART))
             first = await anext(parts, b"")
             second = await anext(parts, None)
-            digest.update(first)
-            total = len(first)
             if second is None:
-                await s3.put_object(
-                    Bucket=target.bucket, Key=target.key, Body=first, ContentType=content_type
-                )
-                numbers = 1
+                await upload.single(s3, first)
             else:
-                numbers, more = await _multipart(
-                    s3, target, first, second, parts, content_type, digest, ctx
-                )
-                total += more
+                # Hand both over and drop our references: only the part in flight stays.
+                await upload.multipart(s3, [first, second], parts)
+                del first, second
     except (ClientError, BotoCoreError, OSError) as exc:
         raise _failure("upload", target, exc) from None
     finally:
@@ -144,58 +140,70 @@ async def upload_stream(
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
-    return StoredObject(url=str(target), bytes=total, sha256=digest.hexdigest(), parts=numbers)
+    return upload.result()
 
 
-async def _multipart(
-    s3: S3Client,
-    target: S3Url,
-    first: bytes,
-    second: bytes,
-    rest: AsyncIterator[bytes],
-    content_type: str,
-    digest: Any,
-    ctx: Context,
-) -> tuple[int, int]:
-    created = await s3.create_multipart_upload(
-        Bucket=target.bucket, Key=target.key, ContentType=content_type
-    )
-    upload_id = created["UploadId"]
-    done: list[dict[str, Any]] = []
-    total = 0
-    try:
+class _Upload:
+    """One object being uploaded: counts, hashes and part numbers as parts go out."""
 
-        async def put(number: int, body: bytes) -> None:
-            answer = await s3.upload_part(
-                Bucket=target.bucket,
-                Key=target.key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-            )
-            done.append({"PartNumber": number, "ETag": answer["ETag"]})
+    def __init__(self, ctx: Context, target: S3Url, content_type: str) -> None:
+        self._ctx = ctx
+        self._target = target
+        self._content_type = content_type
+        self._digest = hashlib.sha256()
+        self._bytes = 0
+        self._done: list[dict[str, Any]] = []
 
-        await put(1, first)
-        ctx.progress(len(first), None)
-        body: bytes | None = second
-        number = 2
-        while body is not None:
-            digest.update(body)
-            total += len(body)
-            await put(number, body)
-            ctx.progress(len(first) + total, None)
-            number += 1
-            body = await anext(rest, None)
-        await s3.complete_multipart_upload(
-            Bucket=target.bucket,
-            Key=target.key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": done},  # type: ignore[typeddict-item]
+    def _count(self, body: bytes) -> None:
+        self._digest.update(body)
+        self._bytes += len(body)
+        self._ctx.progress(self._bytes, None)
+
+    async def single(self, s3: S3Client, body: bytes) -> None:
+        self._count(body)
+        await s3.put_object(
+            Bucket=self._target.bucket,
+            Key=self._target.key,
+            Body=body,
+            ContentType=self._content_type,
         )
-    except BaseException:
-        await s3.abort_multipart_upload(Bucket=target.bucket, Key=target.key, UploadId=upload_id)
-        raise
-    return len(done), total
+        self._done.append({"PartNumber": 1})
+
+    async def multipart(self, s3: S3Client, ready: list[bytes], rest: AsyncIterator[bytes]) -> None:
+        bucket, key = self._target.bucket, self._target.key
+        created = await s3.create_multipart_upload(
+            Bucket=bucket, Key=key, ContentType=self._content_type
+        )
+        upload_id = created["UploadId"]
+        try:
+            while True:
+                body = ready.pop(0) if ready else await anext(rest, None)
+                if body is None:
+                    break
+                self._count(body)
+                number = len(self._done) + 1
+                answer = await s3.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+                del body  # before cutting the next part: one part in memory, not two
+                self._done.append({"PartNumber": number, "ETag": answer["ETag"]})
+            await s3.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": self._done},  # type: ignore[typeddict-item]
+            )
+        except BaseException:
+            await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+
+    def result(self) -> StoredObject:
+        return StoredObject(
+            url=str(self._target),
+            bytes=self._bytes,
+            sha256=self._digest.hexdigest(),
+            parts=len(self._done),
+        )
 
 
 async def download_stream(

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 import aiohttp
 from aiohttp import web
 
-from dispatcher import api, ingress
+from dispatcher import api, auth, ingress, openapi
 from dispatcher.bindings import ConfigBindingResolver, unknown_bindings
 from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintSet
@@ -20,6 +20,7 @@ from dispatcher.errors import ConfigError, EventError, JournalError
 from dispatcher.invokers.inprocess import InProcessInvoker
 from dispatcher.journal.sqlite import SQLiteJournal
 from dispatcher.leases import LeaseManager
+from dispatcher.limits import Limits, server_limits
 from dispatcher.metrics import Metrics
 from dispatcher.problems import error_response, problem_response
 from dispatcher.replies import ReplySender
@@ -108,10 +109,15 @@ def create_app(
     blueprints = load_blueprints(settings.hooks, registry, engine=engine)
     check_bindings(settings, blueprints)
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[problems_middleware]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[problems_middleware, auth.middleware],
+        # Applies to run_app and test servers alike (it overrides their keyword arguments).
+        handler_args=server_limits(settings),
     )
     app.add_routes(ingress.routes())
     app.add_routes(api.routes())
+    app.add_routes(openapi.routes(settings))
+    auth.install(app, settings.auth)
     app.cleanup_ctx.append(_lifecycle(settings, registry, secrets, engine, blueprints))
     return app
 
@@ -196,6 +202,7 @@ def _build(
     resolver = ConfigBindingResolver(settings.bindings)
     dispatcher = Dispatcher(journal, runner, resolver, lambda: blueprints, metrics)
     state = AppState(settings, blueprints, journal, runner, leases, dispatcher, metrics)
+    state.limits = Limits.from_settings(settings)
     app[STATE] = state
     return state
 

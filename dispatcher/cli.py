@@ -1,4 +1,4 @@
-"""``snaphook`` command line: serve, emit, validate, plan, runs.
+"""``snaphook`` command line: serve, emit, validate, plan, runs, auth.
 
 Exit codes: 0 success / allowed, 1 denied / failed / invalid, 2 usage or transport error.
 """
@@ -10,12 +10,15 @@ import json
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from dispatcher.errors import SnaphookError
 from dispatcher.settings import Settings
+
+if TYPE_CHECKING:  # imported lazily below, like the other command modules
+    from dispatcher.auth import ClientCredentials
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -42,6 +45,43 @@ hooks_option = click.option(
     default=None,
     help="Blueprint directory (default: hooks/).",
 )
+_pem = click.Path(path_type=Path, dir_okay=False, exists=True)
+# Secrets are best passed in the environment: command lines are visible to other users.
+_credential_options = [
+    click.option("--token", envvar="SNAPHOOK_TOKEN", help="Bearer token [SNAPHOOK_TOKEN]."),
+    click.option(
+        "--webhook-secret",
+        envvar="SNAPHOOK_WEBHOOK_SECRET",
+        help="Sign with this whsec_ secret (Standard Webhooks) [SNAPHOOK_WEBHOOK_SECRET].",
+    ),
+    click.option("--cert", type=_pem, help="Client certificate (PEM), for mTLS."),
+    click.option("--key", type=_pem, help="Private key of --cert (if not in the same file)."),
+    click.option("--cacert", type=_pem, help="CA that signed the dispatcher's certificate."),
+]
+
+
+def credential_options(command: Any) -> Any:
+    for option in reversed(_credential_options):
+        command = option(command)
+    return command
+
+
+def credentials_of(options: dict[str, Any]) -> ClientCredentials:
+    """Take the credential options out of ``options``; bad ones end the command (exit 2)."""
+    from dispatcher.auth import ClientCredentials
+    from dispatcher.principals import webhook_key
+
+    names = ("token", "webhook_secret", "cert", "key", "cacert")
+    credentials = ClientCredentials(**{name: options.pop(name) for name in names})
+    if credentials.key is not None and credentials.cert is None:
+        fail("--key needs --cert")
+    try:
+        if credentials.webhook_secret is not None:
+            webhook_key(credentials.webhook_secret)
+        credentials.ssl_context()
+    except (ValueError, SnaphookError) as exc:
+        fail(str(exc))
+    return credentials
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,6 +93,9 @@ def main() -> None:
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default 8080).")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--tls-cert", type=_pem, default=None, help="Serve HTTPS with this certificate.")
+@click.option("--tls-key", type=_pem, default=None, help="Private key of --tls-cert.")
+@click.option("--tls-client-ca", type=_pem, default=None, help="Require client certs (mTLS).")
 @hooks_option
 @config_option
 def serve(
@@ -61,35 +104,40 @@ def serve(
     state_dir: Path | None,
     hooks: Path | None,
     config: Path | None,
+    **tls: Path | None,
 ) -> None:
     """Run the dispatcher (embedded SQLite journal in the state directory)."""
     from dispatcher.app import create_app
     from dispatcher.logs import configure_logging
+    from dispatcher.tls import serving_context
 
-    settings = load_settings(config, host=host, port=port, state_dir=state_dir, hooks=hooks)
+    settings = load_settings(config, host=host, port=port, state_dir=state_dir, hooks=hooks, **tls)
     stop_logging = configure_logging(settings.log_level, background=True)
     try:
         app = create_app(settings)
+        ssl_context = serving_context(settings)
     except SnaphookError as exc:
         stop_logging()
         fail(str(exc), 1)
     try:
-        _run(app, settings)
+        _run(app, settings, ssl_context)
     finally:
         stop_logging()
 
 
-def _run(app: Any, settings: Settings) -> None:
+def _run(app: Any, settings: Settings, ssl_context: Any = None) -> None:
     from aiohttp import web
 
+    scheme = "https" if ssl_context is not None else "http"
     # run_app handles SIGTERM/SIGINT: stop accepting, then the app's cleanup drains runs.
     web.run_app(
         app,
         host=settings.host,
         port=settings.port,
+        ssl_context=ssl_context,
         access_log=None,
         print=lambda _: click.echo(
-            f"snaphook serving on http://{settings.host}:{settings.port}", err=True
+            f"snaphook serving on {scheme}://{settings.host}:{settings.port}", err=True
         ),
         shutdown_timeout=settings.shutdown_grace,
     )
@@ -204,10 +252,12 @@ def build_event(
 @click.option("--wait", type=float, help="Wait up to S seconds for the decision.")
 @click.option("--mode", type=click.Choice(["structured", "binary"]), default="structured")
 @click.option("--timeout", type=float, default=None, help="HTTP timeout (default wait + 10 s).")
+@credential_options
 def emit(**options: Any) -> None:
     """Send one hook event; with --wait, exit 0 if allowed, 1 if denied."""
     from dispatcher.commands import send_event
 
+    credentials = credentials_of(options)
     data = _data_arg(
         options["data"],
         options["event_type"],
@@ -229,6 +279,7 @@ def emit(**options: Any) -> None:
             wait=options["wait"],
             mode=options["mode"],
             timeout=options["timeout"],
+            credentials=credentials,
         )
     )
     click.echo(json.dumps(body, indent=2) if not isinstance(body, str) else body)
@@ -247,21 +298,62 @@ url_option = click.option("--url", default="http://127.0.0.1:8080", show_default
 @url_option
 @click.option("--status", type=click.Choice(["accepted", "running", "succeeded", "failed"]))
 @click.option("--limit", type=int, default=20, show_default=True)
-def runs_ls(url: str, status: str | None, limit: int) -> None:
+@credential_options
+def runs_ls(url: str, status: str | None, limit: int, **options: Any) -> None:
     """List recent runs, newest first."""
     from dispatcher.commands import api_get, format_runs
 
     query = f"?limit={limit}" + (f"&status={status}" if status else "")
-    body = asyncio.run(api_get(f"{url.rstrip('/')}/v1/runs{query}"))
+    body = asyncio.run(api_get(f"{url.rstrip('/')}/v1/runs{query}", credentials_of(options)))
     click.echo(format_runs(body.get("runs", [])))
 
 
 @runs.command("show")
 @click.argument("run_id")
 @url_option
-def runs_show(run_id: str, url: str) -> None:
+@credential_options
+def runs_show(run_id: str, url: str, **options: Any) -> None:
     """Show one run with its steps and leases (JSON)."""
     from dispatcher.commands import api_get
 
-    body = asyncio.run(api_get(f"{url.rstrip('/')}/v1/runs/{run_id}"))
+    body = asyncio.run(api_get(f"{url.rstrip('/')}/v1/runs/{run_id}", credentials_of(options)))
     click.echo(json.dumps(body, indent=2))
+
+
+@main.group("auth")
+def auth_group() -> None:
+    """Make credentials for the config file's auth.principals."""
+
+
+@auth_group.command("hash-token")
+def hash_token_command() -> None:
+    """Print the SHA-256 (bearer_sha256 entry) of a token read from stdin."""
+    from dispatcher.principals import hash_token
+
+    token = sys.stdin.read().strip()
+    if not token:
+        fail("no token on stdin")
+    click.echo(hash_token(token))
+
+
+@auth_group.command("new-token")
+def new_token_command() -> None:
+    """Print a new random token on stdout, and its bearer_sha256 entry on stderr."""
+    import secrets
+
+    from dispatcher.principals import hash_token
+
+    token = secrets.token_urlsafe(32)
+    click.echo(token)
+    click.echo(f"bearer_sha256: {hash_token(token)}", err=True)
+
+
+@auth_group.command("new-webhook-secret")
+def new_webhook_secret_command() -> None:
+    """Print a new Standard Webhooks secret (whsec_ + 32 random bytes, base64)."""
+    import base64
+    import secrets
+
+    from dispatcher.principals import WHSEC_PREFIX
+
+    click.echo(WHSEC_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode())

@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 
+from dispatcher.auth import ClientCredentials
 from dispatcher.bindings import ConfigBindingResolver, unknown_bindings
 from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintErrors
@@ -73,16 +74,26 @@ async def plan_for(settings: Settings, document: Any, blueprint_name: str | None
 
 
 async def send_event(
-    url: str, event: dict[str, Any], *, wait: float | None, mode: str, timeout: float | None
+    url: str,
+    event: dict[str, Any],
+    *,
+    wait: float | None,
+    mode: str,
+    timeout: float | None,
+    credentials: ClientCredentials | None = None,
 ) -> tuple[int, Any]:
     """POST one event; returns (exit code, answer). 0 allowed/accepted, 1 denied, 2 error."""
+    credentials = credentials or ClientCredentials()
     headers, body = encode_event(event, mode)
+    headers.update(credentials.headers(body))  # a signature covers the exact body sent
     params = {"wait": f"{wait:g}"} if wait is not None else {}
     client_timeout = aiohttp.ClientTimeout(total=timeout or (wait or 0) + 10)
     try:
         async with (
             aiohttp.ClientSession(timeout=client_timeout) as session,
-            session.post(url, data=body, headers=headers, params=params) as resp,
+            session.post(
+                url, data=body, headers=headers, params=params, ssl=credentials.ssl_context()
+            ) as resp,
         ):
             answer = await _answer(resp)
             status = resp.status
@@ -106,11 +117,14 @@ async def _answer(resp: aiohttp.ClientResponse) -> Any:
         return text
 
 
-async def api_get(url: str) -> dict[str, Any]:
+async def api_get(url: str, credentials: ClientCredentials | None = None) -> dict[str, Any]:
+    credentials = credentials or ClientCredentials()
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-            session.get(url) as resp,
+            session.get(
+                url, headers=credentials.headers(b""), ssl=credentials.ssl_context()
+            ) as resp,
         ):
             body = await resp.json(content_type=None)
             if resp.status >= 300:

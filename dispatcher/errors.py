@@ -12,6 +12,8 @@ interprets those, they never reach the HTTP layer.
 
 from __future__ import annotations
 
+from typing import Any
+
 from functions.sdk import FunctionError, PermanentError, RetryableError
 
 __all__ = [
@@ -56,6 +58,7 @@ class EventError(SnaphookError):
         *,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -63,6 +66,8 @@ class EventError(SnaphookError):
         self.detail = detail
         self.field = field
         self.headers = headers or {}
+        # RFC 9457 extension members, e.g. the run holding a 409's lease.
+        self.extra = extra or {}
 
 
 class JournalError(SnaphookError):

@@ -10,7 +10,8 @@ Modes per the HTTP binding (see :mod:`dispatcher.cehttp`); answers:
 * batch mode: a JSON array, one entry per event.
 
 The run is in the journal before any 2xx leaves. Status codes follow Knative's data-plane
-table so senders retry only what is worth retrying: 400/413/415/422 are final, 503 is not.
+table so senders retry only what is worth retrying: 400/413/415/422 are final; 408, 409
+(target frozen), 429 (rate limit, see :mod:`dispatcher.limits`) and 503 are not.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dispatcher.auth import AUTH, Caller
 from dispatcher.cehttp import (
     Mode,
     ParsedEvent,
@@ -34,6 +36,9 @@ from dispatcher.events import hook_event_from
 from dispatcher.problems import problem_of
 from dispatcher.replies import reply_event
 from dispatcher.state import STATE, AppState
+
+# Statuses a sender should retry (Knative's contract), most urgent first.
+RETRYABLE = (503, 429, 409)
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,18 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise EventError(
             413, "Payload Too Large", f"body of {request.content_length} bytes exceeds {limit}"
         )
+    timeout = request.app[STATE].settings.body_timeout
     try:
-        return await request.read()
+        # Bounds a body trickled byte by byte (slowloris): headers alone start the handler.
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise EventError(
+            408,
+            "Request Timeout",
+            f"the request body did not arrive within body_timeout ({timeout:g} s)",
+            headers={"Connection": "close"},
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise EventError(413, "Payload Too Large", f"body exceeds {limit} bytes") from None
     except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
@@ -97,12 +112,16 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 async def post_events(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    prefs = preferences(request, state.settings.max_wait)
+    gate = request.app[AUTH]
+    gate.require_credentials(request)  # none at all: 401 before the body is read
     body = await _read_body(request, state.settings.max_body_bytes)
+    # Before parsing: a caller without valid credentials learns nothing but 401.
+    caller = await gate.authenticate(request, body)
+    prefs = preferences(request, state.settings.max_wait)
     parsed = parse_request(request.raw_headers, body, max_batch=state.settings.max_batch)
     if parsed.mode is Mode.BATCH:
-        return await _batch(state, parsed.events, prefs)
-    entry = await _one(state, parsed.events[0], prefs)
+        return await _batch(state, parsed.events, prefs, caller)
+    entry = await _one(state, parsed.events[0], prefs, caller)
     if prefs.reply:
         replied = await _reply(state, entry["run_id"], prefs)
         if replied is not None:
@@ -112,18 +131,26 @@ async def post_events(request: web.Request) -> web.StreamResponse:
     return web.json_response(entry, status=202, headers={"Location": f"/v1/runs/{entry['run_id']}"})
 
 
-async def _one(state: AppState, parsed: ParsedEvent, prefs: Preferences) -> dict[str, Any]:
+async def _one(
+    state: AppState, parsed: ParsedEvent, prefs: Preferences, caller: Caller
+) -> dict[str, Any]:
+    state.limits.check_data(parsed.data)  # depth and size, before pydantic reads it
     event = hook_event_from(parsed.attributes, parsed.data)
+    caller.authorize(event)  # 401/403 for this event; nothing is journaled yet
+    # After authorize: a caller cannot spend the tokens of a source it may not send for.
+    state.limits.check_rate(event.source)
     accepted = await state.dispatcher.accept(event)
     if prefs.wait is None:
         return {"run_id": accepted.run.run_id, "status": accepted.run.status.value}
     return await state.dispatcher.decision(accepted.run, prefs.wait)
 
 
-async def _batch(state: AppState, events: list[ParsedEvent], prefs: Preferences) -> web.Response:
+async def _batch(
+    state: AppState, events: list[ParsedEvent], prefs: Preferences, caller: Caller
+) -> web.Response:
     async def settle(parsed: ParsedEvent) -> dict[str, Any]:
         try:
-            return await _one(state, parsed, prefs)
+            return await _one(state, parsed, prefs, caller)
         except EventError as exc:
             state.metrics.events_rejected.labels(status=str(exc.status)).inc()
             return problem_of(exc)
@@ -131,11 +158,15 @@ async def _batch(state: AppState, events: list[ParsedEvent], prefs: Preferences)
     # Events are independent: one bad event neither blocks nor undoes the others.
     results = list(await asyncio.gather(*(settle(p) for p in events)))
     status = 200 if prefs.wait is not None else 202
+    headers: dict[str, str] = {}
     if results and all("run_id" not in r for r in results):
         statuses = {int(r["status"]) for r in results}
         # Nothing accepted: answer so the sender retries if any of it is worth retrying.
-        status = 503 if 503 in statuses else min(statuses)
-    return web.json_response(results, status=status)
+        status = next((s for s in RETRYABLE if s in statuses), min(statuses))
+        if status == 429:
+            retry = max(int(r.get("retry_after", 1)) for r in results if r["status"] == 429)
+            headers["Retry-After"] = str(retry)
+    return web.json_response(results, status=status, headers=headers)
 
 
 async def _reply(state: AppState, run_id: str, prefs: Preferences) -> web.Response | None:

@@ -29,7 +29,7 @@ def problem_body(
 
 
 def problem_of(error: EventError) -> dict[str, Any]:
-    return problem_body(error.status, error.title, error.detail, field=error.field)
+    return problem_body(error.status, error.title, error.detail, field=error.field, **error.extra)
 
 
 def problem_response(
@@ -52,5 +52,10 @@ def problem_response(
 
 def error_response(error: EventError) -> web.Response:
     return problem_response(
-        error.status, error.title, error.detail, field=error.field, headers=error.headers
+        error.status,
+        error.title,
+        error.detail,
+        field=error.field,
+        headers=error.headers,
+        **error.extra,
     )

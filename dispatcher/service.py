@@ -14,6 +14,7 @@ from dispatcher.blueprints import Blueprint, BlueprintSet
 from dispatcher.errors import EventError, JournalError
 from dispatcher.events import HookEvent
 from dispatcher.journal import Journal, RunRecord, RunStatus, StepRecord
+from dispatcher.limits import check_target_free
 from dispatcher.metrics import Metrics
 from dispatcher.planner import make_plan
 from dispatcher.runner import Runner
@@ -97,8 +98,10 @@ class Dispatcher:
         """Journal the event's run (durably) and start it; idempotent on (source, id)."""
         try:
             _, run, steps = await self.bind(event)
+            await check_target_free(self.journal, event)
         except EventError:
-            # A redelivery is answered from the journal even if bindings changed since.
+            # A redelivery is answered from the journal even if bindings changed since, or
+            # another backup froze the target since: idempotency comes first.
             existing = await self._existing(event)
             if existing is None:
                 raise

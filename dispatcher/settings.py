@@ -33,6 +33,7 @@ from pydantic_settings import (
 
 from dispatcher.durations import Duration
 from dispatcher.errors import ConfigError
+from dispatcher.principals import AuthSettings
 
 FailurePolicy = Literal["fail", "ignore"]
 
@@ -87,6 +88,19 @@ class Settings(BaseSettings):
     max_concurrent_runs: int = Field(default=256, ge=1)
     shutdown_grace: Duration = 10.0
 
+    # Per-event limits (dispatcher/limits.py). Depth counts levels below ``data`` itself.
+    max_data_depth: int = Field(default=32, ge=1, le=256)
+    max_data_bytes: int = Field(default=256 * 1024, ge=1024)
+    # A token bucket per CloudEvents source: events/s and bucket size; None = no limit.
+    rate_limit_per_source: float | None = Field(default=None, gt=0)
+    rate_limit_burst: int = Field(default=20, ge=1)
+    # Slow and oversized clients. idle_timeout is aiohttp's keepalive_timeout: it also cuts
+    # off a connection whose request headers have not all arrived by then (slowloris).
+    body_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    idle_timeout: Annotated[Duration, Field(gt=0)] = 75.0
+    max_header_size: int = Field(default=8190, ge=1024, le=65536)  # request line, each header
+    max_headers: int = Field(default=128, ge=16, le=1024)
+
     journal_sync: Literal["full", "normal"] = "full"
     lease_reap_interval: Annotated[Duration, Field(ge=0.01)] = 1.0
 
@@ -95,6 +109,16 @@ class Settings(BaseSettings):
     )
     reply_source: str = "snaphook"
     reply_attempts: int = Field(default=5, ge=1, le=50)
+
+    # Ingress authentication: principals, tokens, signatures (dispatcher/principals.py).
+    # Absent: no authentication, everything is open.
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    # TLS for ``serve`` (dispatcher/tls.py). A client CA turns on mTLS; ``optional`` admits
+    # clients without a certificate (probes) and leaves the decision to ``auth``.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tls_client_cert: Literal["required", "optional"] = "required"
 
     # Where s3:// URLs of dumps point; unset = AWS. Credentials: the usual AWS_* sources.
     s3_endpoint_url: str | None = None

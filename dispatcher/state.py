@@ -11,6 +11,7 @@ from aiohttp import web
 from dispatcher.blueprints import BlueprintSet
 from dispatcher.journal import Journal
 from dispatcher.leases import LeaseManager
+from dispatcher.limits import Limits
 from dispatcher.metrics import Metrics
 from dispatcher.replies import ReplySender
 from dispatcher.runner import Runner
@@ -29,6 +30,7 @@ class AppState:
     metrics: Metrics
     ready: bool = False  # true once recovery is done; false again while draining
     replies: ReplySender | None = None
+    limits: Limits = field(default_factory=Limits)  # per-event limits, from the settings
     background: list[asyncio.Task[Any]] = field(default_factory=list)  # reaper, recovery
 
 

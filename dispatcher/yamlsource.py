@@ -105,6 +105,9 @@ def read_documents(
         position = getattr(exc, "position", None)
         line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
         errors.append(BlueprintError(f"invalid YAML: {exc}", file=file, line=line))
+    except RecursionError:
+        # PyYAML recurses once per nesting level: a few KB of brackets would crash startup.
+        errors.append(BlueprintError("YAML nested too deeply to read", file=file))
     return documents, errors
 
 

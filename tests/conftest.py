@@ -22,6 +22,9 @@ from dispatcher.state import STATE, AppState
 from functions.sdk import AwsConfig, EventInfo, ObjectStore
 from tests.hookfns import Recorder, fresh
 
+# Looks for the test secrets in every log line, HTTP answer and journal row of the session.
+pytest_plugins = ["tests.secret_hygiene"]
+
 SUBJECT = "ns/Deployment/app"
 
 

@@ -522,7 +522,8 @@ async def test_reaper_unlocks_when_the_post_event_never_comes(
     harness: HarnessFactory, mongo: FakeMongo, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SNAPHOOK_SECRET_MONGO_CREDS_URI", mongo.uri)
-    h = await harness({"mongo-hold": lock_then_sleep("300ms", 0)})
+    # Long enough that a loaded machine still sees the lock before the reaper lifts it.
+    h = await harness({"mongo-hold": lock_then_sleep("2s", 0)})
     pre = await h.emit("backup.pre", wait=10)
     assert pre["allowed"] is True and mongo.lock_count == 1
     insert = await blocked_insert(client, mongo)

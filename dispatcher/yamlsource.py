@@ -111,8 +111,37 @@ def read_documents(
     return documents, errors
 
 
+MAX_EXPANDED_NODES = 100_000  # far above any real blueprint, far below a "billion laughs"
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes the document has once every alias is expanded (aliases are shared
+    node objects, so with memoisation this costs one visit per distinct node)."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    memo[id(node)] = 1  # a (recursive) reference to an ancestor counts once
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[id(node)] = size
+    return min(size, MAX_EXPANDED_NODES + 1)
+
+
 def _construct(node: yaml.Node | None, file: str, errors: list[BlueprintError]) -> Document | None:
     if node is None:
+        return None
+    if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
+        # Checked before constructing: templates and the runner walk the expanded tree.
+        errors.append(
+            BlueprintError(
+                f"YAML aliases expand to more than {MAX_EXPANDED_NODES} nodes",
+                file=file,
+                line=node.start_mark.line + 1,
+            )
+        )
         return None
     try:
         data = yaml.constructor.SafeConstructor().construct_document(node)

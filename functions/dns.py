@@ -314,17 +314,9 @@ async def _wait_insync(ctx: Context, r53: Any, change_id: str, wait: float) -> S
 # --- undo plans kept in process ----------------------------------------------------------
 
 
-def _take_held(ctx: Context, lease_id: str | None) -> Route53Result | None:
-    """The plan a change step of ``lease_id`` kept, taken back (see the module docstring)."""
-    if not lease_id:
-        return None
-    held = ctx.release_held(lease_id)
-    return held if isinstance(held, Route53Result) else None
-
-
 def _prior_plan(ctx: Context, zone_id: str, p: RecordParams) -> Route53Result | None:
     """The plan of an earlier attempt of this step, if it was for the same record."""
-    plan = _take_held(ctx, ctx.lease_id)
+    plan = ctx.release_held_as(ctx.lease_id, Route53Result)
     if plan is None:
         return None
     key = p.key()
@@ -389,7 +381,9 @@ async def _plan(r53: Any, zone_id: str, p: RecordParams) -> Route53Result:
 @function("dns.route53_revert")
 async def route53_revert(ctx: Context, p: RevertParams) -> RevertResult:
     """Restore what ``dns.route53`` replaced (``undo``: its outputs); idempotent."""
-    held = _take_held(ctx, p.lease or ctx.lease_id)  # taken back either way: frees it
+    held = ctx.release_held_as(
+        p.lease or ctx.lease_id, Route53Result
+    )  # taken back either way: frees it
     undo = p.undo or held
     if undo is None:
         # The change step failed before it planned anything, so it changed nothing.

@@ -261,17 +261,9 @@ def _names(targets: list[dict[str, Any]]) -> str:
 # --- undo plans kept in process ----------------------------------------------------------
 
 
-def _take_held(ctx: Context, lease_id: str | None) -> LbResult | None:
-    """The plan a step of ``lease_id`` kept, taken back (see the module docstring)."""
-    if not lease_id:
-        return None
-    held = ctx.release_held(lease_id)
-    return held if isinstance(held, LbResult) else None
-
-
 def _prior_plan(ctx: Context, action: Action, resource: str) -> LbResult | None:
     """The plan of an earlier attempt of this step, if it was for the same resource."""
-    plan = _take_held(ctx, ctx.lease_id)
+    plan = ctx.release_held_as(ctx.lease_id, LbResult)
     if plan is None or plan.action != action:
         return None
     return plan if resource in (plan.target_group_arn, plan.listener_arn) else None
@@ -375,7 +367,8 @@ async def _switch_listener(ctx: Context, elb: Any, p: LbParams) -> LbResult:
 @function("lb.elbv2_revert")
 async def elbv2_revert(ctx: Context, p: RevertParams) -> RevertResult:
     """Undo what ``lb.elbv2`` did (``undo``: its outputs); idempotent."""
-    held = _take_held(ctx, p.lease or ctx.lease_id)  # taken back either way: frees it
+    # Taken back either way, which frees it.
+    held = ctx.release_held_as(p.lease or ctx.lease_id, LbResult)
     undo = p.undo or held
     if undo is None:
         # The step failed before it planned anything, so it changed nothing.

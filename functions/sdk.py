@@ -65,6 +65,7 @@ class PermanentError(FunctionError):
 
 
 FunctionImpl = Callable[["Context", Any], Awaitable[BaseModel | None]]
+_T = typing.TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -243,3 +244,11 @@ class Context:
     def release_held(self, lease_id: str) -> Any | None:
         """Take back what the freeze step of ``lease_id`` held in this process, if any."""
         return held_resources.pop(lease_id)
+
+    def release_held_as(self, lease_id: str | None, kind: type[_T]) -> _T | None:
+        """Like :meth:`release_held` (it is taken back either way), typed: ``None`` unless
+        what was held is a ``kind``."""
+        if not lease_id:
+            return None
+        held = held_resources.pop(lease_id)
+        return held if isinstance(held, kind) else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from dispatcher.invokers.inprocess import InProcessInvoker
 from dispatcher.redaction import MASK
 from dispatcher.secrets import EnvSecretResolver
 from functions.sdk import EventInfo, PermanentError, RetryableError, default_registry
+from tests.conftest import free_port
 
 EVENT = EventInfo(
     id="e1",
@@ -100,13 +100,6 @@ async def invoker() -> AsyncIterator[InProcessInvoker]:
     session = aiohttp.ClientSession()
     yield InProcessInvoker(default_registry, session, EnvSecretResolver({}))
     await session.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- http.request ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -22,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import SUBJECT, Harness, HarnessFactory, event_json, write_blueprints
+from tests.conftest import SUBJECT, Harness, HarnessFactory, event_json, free_port, write_blueprints
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPHOOK = Path(sys.executable).with_name("snaphook")
@@ -131,13 +130,6 @@ async def snaphook(
     result = Result(proc.returncode, out.decode(), err.decode())
     assert "Traceback" not in result.err, result.err
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def events_url(h: Harness) -> str:

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import event_json
+from tests.conftest import event_json, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -88,13 +87,6 @@ BINDINGS = [
     {"blueprint": "frozen", "match": {"namespace": "frz"}},
     {"blueprint": "frozen-only", "match": {"namespace": "frzonly"}},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def parse_log_line(line: str) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from pymongo.errors import OperationFailure
 import functions.mongodb  # noqa: F401  (registers mongodb.* for the in-process harness)
 from functions.sdk import ObjectStore, PermanentError, RetryableError
 from functions.storage import s3_client
-from tests.conftest import FunctionCaller, HarnessFactory, event_json
+from tests.conftest import FunctionCaller, HarnessFactory, event_json, free_port
 from tests.mongo_server import FakeMongo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,13 +140,6 @@ async def test_unlock_loop_is_bounded(
     assert mongo.lock_count == 1
     unlocked = await call_function("mongodb.fsync_unlock", {"uri": mongo.uri})
     assert unlocked["unlocks"] == 1 and mongo.lock_count == 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 PASSWORD = "Hunter2-s3cret"

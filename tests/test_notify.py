@@ -19,7 +19,6 @@ import json
 import logging
 import re
 import secrets
-import socket
 import ssl
 import time
 import uuid
@@ -46,7 +45,7 @@ from dispatcher.invokers.inprocess import InProcessInvoker
 from dispatcher.secrets import EnvSecretResolver
 from functions.httpguard import HttpPolicy, guarded_session
 from functions.sdk import AwsConfig, EventInfo, PermanentError, RetryableError, default_registry
-from tests.conftest import HarnessFactory
+from tests.conftest import HarnessFactory, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EVENT = EventInfo(
@@ -56,13 +55,6 @@ EVENT = EventInfo(
     subject="shop/StatefulSet/db",
     data={"backup": {"name": "nightly", "id": "b1"}, "outcome": "failed"},
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- calling functions the way the runner does ------------------------------------------------

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +27,7 @@ from openapi_spec_validator import validate
 
 from dispatcher.openapi import document
 from dispatcher.settings import Settings
-from tests.conftest import Harness, HarnessFactory, event_json
+from tests.conftest import Harness, HarnessFactory, event_json, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -204,13 +203,6 @@ expected-statuses = ["400", "401", "403", "404", "405", "409", "413", "415", "42
 include-method = "POST"
 checks.positive_data_acceptance.enabled = false
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -16,7 +16,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -41,7 +40,7 @@ from functions.sdk import (
     held_resources,
 )
 from functions.storage import s3_client
-from tests.conftest import FunctionCaller, HarnessFactory, event_json
+from tests.conftest import FunctionCaller, HarnessFactory, event_json, free_port
 
 PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 PASSWORD = "Pw-7f3kq!never-shown"  # trust auth ignores it; it must never show anyway
@@ -290,13 +289,6 @@ async def test_a_retried_freeze_replaces_the_earlier_attempts_session(
 async def test_freeze_without_a_lease_starts_nothing(call: FunctionCaller) -> None:
     with pytest.raises(PermanentError, match="needs a lease"):
         await call("postgres.freeze", {"dsn": PG})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.slow

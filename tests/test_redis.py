@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import struct
 import tempfile
 import time
@@ -31,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from functions.sdk import ObjectStore, PermanentError, RetryableError
 from functions.storage import MIN_PART, s3_client
-from tests.conftest import FunctionCaller, HarnessFactory
+from tests.conftest import FunctionCaller, HarnessFactory, free_port
 
 REDIS = os.environ.get("SNAPHOOK_TEST_REDIS", "redis://127.0.0.1:6379")
 SPARE_DB = 11  # the cross-DB import writes here, under its own prefix
@@ -436,13 +435,6 @@ async def test_params_are_strict(call_function: FunctionCaller, bucket: str) -> 
 # --- secrets never leak -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def as_user(user: str, password: str) -> str:
     return f"redis://{user}:{password}@{urlsplit(REDIS).netloc}/0"
 
@@ -461,7 +453,7 @@ async def test_passwords_never_appear_in_errors(
     export = f"s3://{bucket}/secret.snap.gz"
     await call_function("redis.export", {"url": REDIS, "to": export, "match": p.decode() + "*"})
     secret = f"Pw{uuid.uuid4().hex}"
-    port = _free_port()
+    port = free_port()
 
     nobody = f"redis://snaphook:{secret}@127.0.0.1:{port}/0"
     calls = {

@@ -55,13 +55,14 @@ class Redactor:
         return _URL_PASSWORD.sub(lambda m: m.group("scheme") + MASK + "@", text)
 
     def redact_obj(self, obj: Any) -> Any:
-        """A copy of a JSON-like structure with every string redacted."""
+        """A copy of a JSON-like structure with every string redacted, mapping keys too
+        (a peer's answer or a function's output may be keyed by a credential)."""
         if isinstance(obj, str):
             return self.redact(obj)
         if isinstance(obj, SecretStr | SecretBytes):
             return MASK
         if isinstance(obj, dict):
-            return {str(k): self.redact_obj(v) for k, v in obj.items()}
+            return {self.redact(str(k)): self.redact_obj(v) for k, v in obj.items()}
         if isinstance(obj, list | tuple):
             return [self.redact_obj(v) for v in obj]
         return obj

@@ -17,6 +17,9 @@ HTTP answers
     every body a dispatcher app answers with (run records of ``GET /v1/runs/{id}``, sync
     decisions, RFC 9457 problems, metrics), captured by wrapping the app's outermost
     middleware, ``dispatcher.app.problems_middleware``.
+reply events
+    the data of every reply CloudEvent sent to a sink (``dispatcher.replies.reply_event``;
+    ``Prefer: reply`` answers are HTTP answers).
 journal rows
     every row of every table of every SQLite file under the session's temporary directory,
     read at the end of the session. One column is *resume state*, not a record:
@@ -33,6 +36,7 @@ and sends a summary to the controller (``workeroutput``), which reports and fail
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -99,10 +103,6 @@ class Matcher:
         self._literals = sorted(self._labels, key=len, reverse=True)
         self._patterns = re.compile("|".join(f"(?:{p.pattern})" for _, p in PATTERNS))
 
-    @property
-    def count(self) -> int:
-        return len(self._labels)
-
     def hits(self, text: str) -> list[Hit]:
         found: list[Hit] = []
         for literal in self._literals:
@@ -111,7 +111,7 @@ class Matcher:
                 found.append(Hit(self._labels[literal], start, start + len(literal)))
                 start = text.find(literal, start + 1)
         for match in self._patterns.finditer(text):
-            label = next(name for name, p in PATTERNS if p.fullmatch(match.group()))
+            label = next((name for name, p in PATTERNS if p.fullmatch(match.group())), "pattern")
             found.append(Hit(self._labels.get(match.group(), label), *match.span()))
         return found
 
@@ -135,7 +135,7 @@ def excerpt(text: str, hits: list[Hit]) -> str:
 
 @dataclass
 class Leak:
-    kind: str  # "log" | "log file" | "http" | "journal"
+    kind: str  # "log" | "log file" | "http" | "reply" | "journal"
     test: str  # node id, "<session>", or the file a record was found in
     where: str
     secrets: list[str]
@@ -158,6 +158,7 @@ class Summary:
     log_files: int = 0
     log_file_lines: int = 0
     http_answers: int = 0
+    replies: int = 0
     journal_files: int = 0
     journal_rows: int = 0
     unreadable_files: list[str] = field(default_factory=list)
@@ -170,7 +171,7 @@ class Summary:
     def add_leak(self, leak: Leak) -> None:
         self.leak_count += 1
         if len(self.leaks) < MAX_REPORTED:
-            self.leaks.append(leak.__dict__)
+            self.leaks.append(dataclasses.asdict(leak))
 
     def merge(self, other: dict[str, Any]) -> None:
         for name, value in other.items():
@@ -185,7 +186,7 @@ class Summary:
                 setattr(self, name, getattr(self, name) + value)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 # --- scanning files -------------------------------------------------------------------------
@@ -204,7 +205,10 @@ def scan_journal(
     try:
         tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         for table in tables:
-            cursor = db.execute(f'SELECT rowid, * FROM "{table}"')
+            try:
+                cursor = db.execute(f'SELECT rowid, * FROM "{table}"')
+            except sqlite3.OperationalError:  # a WITHOUT ROWID table
+                cursor = db.execute(f'SELECT NULL, * FROM "{table}"')
             columns = [d[0] for d in cursor.description][1:]
             for rowid, *values in cursor:
                 summary.journal_rows += 1
@@ -222,8 +226,12 @@ def scan_journal(
 
 
 def scan_log_file(path: Path, matcher: Matcher, summary: Summary, owner: str) -> Iterator[Leak]:
-    with path.open("rb") as handle:
-        data = handle.read(MAX_FILE_BYTES)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES)
+    except OSError:
+        summary.unreadable_files.append(str(path))
+        return
     summary.log_files += 1
     for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
         summary.log_file_lines += 1
@@ -286,6 +294,7 @@ class Hygiene:
                 logger.setLevel(level)
             self._undo.append(functools.partial(logger.setLevel, saved))
         self._wrap_middleware()
+        self._wrap_replies()
 
     def _wrap_middleware(self) -> None:
         from aiohttp import web
@@ -313,6 +322,21 @@ class Hygiene:
         name = "problems_middleware"
         setattr(dispatcher.app, name, watched)
         self._undo.append(functools.partial(setattr, dispatcher.app, name, original))
+
+    def _wrap_replies(self) -> None:
+        import dispatcher.replies
+
+        original = dispatcher.replies.reply_event
+        hygiene = self
+
+        def watched(*args: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+            attributes, data = original(*args, **kwargs)
+            where = f"reply event {attributes.get('id')} ({attributes.get('type')})"
+            hygiene.add("reply", where, json.dumps(data, default=str, ensure_ascii=False))
+            return attributes, data
+
+        setattr(dispatcher.replies, "reply_event", watched)  # noqa: B010
+        self._undo.append(functools.partial(setattr, dispatcher.replies, "reply_event", original))
 
     def uninstall(self) -> None:
         while self._undo:
@@ -375,8 +399,10 @@ class Hygiene:
         for entry in pending:
             if entry.kind == "log":
                 self.summary.log_records += 1
-            else:
+            elif entry.kind == "http":
                 self.summary.http_answers += 1
+            else:
+                self.summary.replies += 1
             if hits := matcher.hits(entry.text):
                 labels = [hit.label for hit in hits]
                 text = excerpt(entry.text, hits)
@@ -485,13 +511,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.write_sep("-", "secret hygiene", **markup)
     write(
         f"scanned {s.log_records} log records, {s.log_file_lines} lines of {s.log_files} "
-        f"log files, {s.http_answers} HTTP answers, {s.journal_rows} rows of "
-        f"{s.journal_files} SQLite journals"
+        f"log files, {s.http_answers} HTTP answers, {s.replies} reply events, "
+        f"{s.journal_rows} rows of {s.journal_files} SQLite journals"
     )
     levels = ", ".join(f"{count} {level}" for level, count in sorted(s.levels.items()))
     write(f"log records by level: {levels or 'none'}")
     write(
-        f"for {s.secrets} test secrets and {s.patterns} secret patterns; "
+        f"for {s.secrets} test secrets (per process) and {s.patterns} secret patterns; "
         f"{s.resume_state_rows} runs.params rows hold a secret param (resume state, by design)"
     )
     if s.unformattable or s.unreadable_files:

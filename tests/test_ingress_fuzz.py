@@ -277,7 +277,7 @@ WAIT_VALUES = st.one_of(
 # --- the fuzz tests -------------------------------------------------------------------------
 
 
-@fuzzing(max_examples=700)
+@fuzzing(max_examples=1_400)
 @given(body=st.binary(max_size=512) | JSON.map(encode), content_type=CONTENT_TYPES)
 async def test_random_bodies(
     h: Harness, errors: ErrorRecords, body: bytes, content_type: str
@@ -285,7 +285,7 @@ async def test_random_bodies(
     await check(h, errors, data=body, headers={"Content-Type": content_type})
 
 
-@fuzzing(max_examples=800)
+@fuzzing(max_examples=1_600)
 @given(event=events(), batch=st.booleans(), path=st.sampled_from(["/v1/events", "/"]))
 async def test_random_structured_and_batch_events(
     h: Harness, errors: ErrorRecords, event: dict[str, Any], batch: bool, path: str
@@ -297,7 +297,7 @@ async def test_random_structured_and_batch_events(
     await check(h, errors, path=path, **request)
 
 
-@fuzzing(max_examples=600)
+@fuzzing(max_examples=1_200)
 @given(
     event_type=EVENT_TYPES.filter(lambda t: t.startswith("io.snaphook.") and t.count(".") == 3),
     subject=mostly(SUBJECT, SUBJECTS),
@@ -314,7 +314,7 @@ async def test_random_event_data(
     await check(h, errors, data=encode(event), headers={"Content-Type": STRUCTURED}, params=params)
 
 
-@fuzzing(max_examples=800)
+@fuzzing(max_examples=1_600)
 @given(
     replaced=st.dictionaries(
         st.sampled_from(["ce-specversion", "ce-id", "ce-source", "ce-type", "ce-subject"]),
@@ -356,7 +356,7 @@ async def test_random_binary_headers(
     )
 
 
-@fuzzing(max_examples=300)
+@fuzzing(max_examples=600)
 @given(
     query=st.dictionaries(st.sampled_from(["wait", "Wait", "limit"]), WAIT_VALUES, max_size=2),
     prefer=st.lists(

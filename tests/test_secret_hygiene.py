@@ -212,7 +212,30 @@ spec:
     assert run in answers  # GET /v1/runs/{id}, exactly as served
 
 
-# --- a leak path found on the way, pinned ---------------------------------------------------
+def test_reply_events_are_captured(hygiene: Hygiene) -> None:
+    import dispatcher.replies
+    from dispatcher.journal import RunRecord, RunStatus
+
+    run = RunRecord(
+        run_id="run-hygiene", source="test", event_id="e1", type="io.snaphook.backup.pre",
+        subject="ns/Deployment/app", blueprint="bp", failure_policy="fail",
+        status=RunStatus.FAILED, created_at=0.0, updated_at=0.0, event={}, reason="probe",
+    )  # fmt: skip
+    dispatcher.replies.reply_event(run, [], "snaphook")
+    [data] = [json.loads(text) for text in hygiene.pending("reply")]
+    assert data["run_id"] == "run-hygiene" and data["reason"] == "probe"
+
+
+# --- leak paths found on the way -----------------------------------------------------------
+
+
+def test_mapping_keys_are_redacted_too() -> None:
+    # Step outputs and run records pass redact_obj before the journal and the API; a peer's
+    # answer keyed by a credential (an echo of the headers it got, say) must not slip by.
+    secret = make_secret("key")
+    redactor.add(secret)
+    value = {"headers": {secret: "x", f"Bearer {secret}": [secret]}}
+    assert redactor.redact_obj(value) == {"headers": {MASK: "x", f"Bearer {MASK}": [MASK]}}
 
 
 @pytest.mark.xfail(

@@ -31,6 +31,7 @@ from dispatcher.journal import (
 from dispatcher.leases import LeaseManager
 from dispatcher.metrics import Metrics
 from dispatcher.planner import PlannedStep, make_plan
+from dispatcher.redaction import redactor
 from dispatcher.retrying import Failure, backoff_delay, classify
 from dispatcher.run_leases import RunLeases
 from dispatcher.templating import TemplateEngine
@@ -169,7 +170,8 @@ class Runner:
             log.exception("run failed unexpectedly", extra={"run_id": run_id})
             run = await self._journal.get_run(run_id)
             if run is not None and not run.status.final:
-                await self._abandon(run, f"internal error: {type(exc).__name__}: {exc}")
+                reason = redactor.redact(f"internal error: {type(exc).__name__}: {exc}")
+                await self._abandon(run, reason)
         finally:
             self._settled.pop(run_id, None)
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.blueprints import Blueprint, BlueprintSet
-from dispatcher.errors import JournalError, SnaphookError
+from dispatcher.errors import JournalError
 from dispatcher.events import Phase
 from dispatcher.execution import Execution
 from dispatcher.invokers import Invocation, Invoker
@@ -317,7 +317,7 @@ class Runner:
             try:
                 outputs = await self._attempt(ex, planned, attempt)
             except Exception as exc:
-                failure = _failure_of(exc, spec.timeout)
+                failure = classify(exc, timeout=spec.timeout)
                 self._observe(spec.function, "error", started)
                 if failure.retryable and attempt < spec.retry.attempts:
                     await self._retry_later(ex, planned, attempt, failure)
@@ -479,10 +479,3 @@ class Runner:
         self._metrics.step_duration.labels(function=function, result=result).observe(
             time.monotonic() - started
         )
-
-
-def _failure_of(exc: Exception, timeout: float) -> Failure:
-    # Our own errors at this point (a template naming something missing) can't heal by retrying.
-    if isinstance(exc, SnaphookError):
-        return Failure(classify(exc, timeout=timeout).message, retryable=False)
-    return classify(exc, timeout=timeout)

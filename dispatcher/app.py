@@ -18,11 +18,13 @@ from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintSet
 from dispatcher.errors import ConfigError, EventError, JournalError
 from dispatcher.invokers.inprocess import InProcessInvoker
+from dispatcher.journal import Journal
 from dispatcher.journal.sqlite import SQLiteJournal
 from dispatcher.leases import LeaseManager
 from dispatcher.limits import Limits, server_limits
 from dispatcher.metrics import Metrics
 from dispatcher.problems import error_response, problem_response
+from dispatcher.queueing import LocalQueue, RunQueue
 from dispatcher.replies import ReplySender
 from dispatcher.runner import Runner
 from dispatcher.secrets import EnvSecretResolver
@@ -132,7 +134,7 @@ def _lifecycle(
     @contextlib.asynccontextmanager
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            journal = SQLiteJournal(settings.journal_path, synchronous=settings.journal_sync)
+            journal, queue = open_backend(settings)
             await journal.open()
             stack.push_async_callback(journal.close)
             http = guarded_session(
@@ -148,7 +150,9 @@ def _lifecycle(
             # address), not blueprint input: it goes out on its own, unguarded session.
             sink_http = aiohttp.ClientSession(trust_env=False)
             stack.push_async_callback(sink_http.close)
-            state = _build(app, settings, registry, secrets, engine, blueprints, journal, http)
+            state = _build(
+                app, settings, registry, secrets, engine, blueprints, journal, queue, http
+            )
             if settings.sink_url:
                 state.replies = ReplySender(
                     settings.sink_url,
@@ -159,7 +163,7 @@ def _lifecycle(
                 )
                 state.runner.on_final = state.replies.on_final
             stack.push_async_callback(_stop, state, settings)
-            resumed = await state.runner.recover()
+            resumed = await queue.start(state.runner)
             # Releases left half-done by a crash may call slow functions: not before serving.
             state.background.append(asyncio.create_task(state.leases.recover()))
             state.background.append(
@@ -175,6 +179,14 @@ def _lifecycle(
     return lifecycle
 
 
+def open_backend(settings: Settings) -> tuple[Journal, RunQueue]:
+    """The journal and run queue chosen by ``settings.backend`` (unopened)."""
+    return (
+        SQLiteJournal(settings.journal_path, synchronous=settings.journal_sync),
+        LocalQueue(),
+    )
+
+
 def _build(
     app: web.Application,
     settings: Settings,
@@ -182,7 +194,8 @@ def _build(
     secrets: SecretResolver,
     engine: TemplateEngine,
     blueprints: BlueprintSet,
-    journal: SQLiteJournal,
+    journal: Journal,
+    queue: RunQueue,
     http: aiohttp.ClientSession,
 ) -> AppState:
     metrics = Metrics()
@@ -200,7 +213,7 @@ def _build(
         max_concurrent=settings.max_concurrent_runs,
     )
     resolver = ConfigBindingResolver(settings.bindings)
-    dispatcher = Dispatcher(journal, runner, resolver, lambda: blueprints, metrics)
+    dispatcher = Dispatcher(journal, runner, resolver, lambda: blueprints, metrics, queue)
     state = AppState(settings, blueprints, journal, runner, leases, dispatcher, metrics)
     state.limits = Limits.from_settings(settings)
     app[STATE] = state
@@ -210,7 +223,7 @@ def _build(
 async def _stop(state: AppState, settings: Settings) -> None:
     """Drain: stop being ready, let runs finish (grace), stop background work, flush replies."""
     state.ready = False
-    await state.runner.close(settings.shutdown_grace)
+    await state.dispatcher.queue.close(settings.shutdown_grace)
     for task in state.background:
         task.cancel()
     await asyncio.gather(*state.background, return_exceptions=True)

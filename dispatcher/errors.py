@@ -4,7 +4,8 @@
     ├── BlueprintError      a blueprint or config file is invalid (file, line)
     ├── EventError          an incoming request/event is unacceptable (HTTP status, field)
     ├── ConfigError         settings or bindings are invalid
-    └── JournalError        the journal cannot record state (the caller may retry)
+    ├── JournalError        the journal cannot record state (the caller may retry)
+    └── StepTakenError      another dispatcher replica claimed the step attempt first
 
 Hook functions raise :class:`functions.sdk.FunctionError` and its subclasses; the runner
 interprets those, they never reach the HTTP layer.
@@ -25,6 +26,7 @@ __all__ = [
     "PermanentError",
     "RetryableError",
     "SnaphookError",
+    "StepTakenError",
 ]
 
 
@@ -72,3 +74,8 @@ class EventError(SnaphookError):
 
 class JournalError(SnaphookError):
     """The journal is unavailable or rejected a write."""
+
+
+class StepTakenError(SnaphookError):
+    """Another replica won the claim on a step attempt: this replica stops executing the run
+    (the winner carries it on) and never calls the function."""

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.blueprints import Blueprint, BlueprintSet
-from dispatcher.errors import JournalError
+from dispatcher.errors import JournalError, StepTakenError
 from dispatcher.events import Phase
 from dispatcher.execution import Execution
 from dispatcher.invokers import Invocation, Invoker
@@ -162,10 +162,16 @@ class Runner:
                 await self._execute(run_id)
         except asyncio.CancelledError:
             raise
-        except JournalError:
-            # A journal outage mid-run: the run stays unfinished and resumes at restart.
-            log.exception("run aborted; it will resume from the journal", extra={"run_id": run_id})
         except Exception as exc:
+            if _caused_by(exc, StepTakenError):
+                log.info("run taken over by another replica", extra={"run_id": run_id})
+                return
+            if _caused_by(exc, JournalError):
+                # A journal outage mid-run: the run stays unfinished and resumes later.
+                log.exception(
+                    "run aborted; it will resume from the journal", extra={"run_id": run_id}
+                )
+                return
             # A bug must not leave a run (and its leases) hanging until the next restart.
             log.exception("run failed unexpectedly", extra={"run_id": run_id})
             run = await self._journal.get_run(run_id)
@@ -452,22 +458,23 @@ class Runner:
             await self.on_final(run, steps)
 
     async def _mark_running(self, ex: Execution, name: str, attempt: int) -> None:
-        step_write = self._set_step(
-            ex,
-            name,
-            status=StepStatus.RUNNING,
-            attempts=attempt,
-            started_at=ex.steps[name].started_at or self._clock(),
-        )
-        if not ex.starting:
-            await step_write
-            return
-        ex.starting = False
-        ex.run.status = RunStatus.RUNNING
-        # Both land in one group commit: one disk sync on the way to the first step.
-        await asyncio.gather(
-            self._journal.update_run(ex.run.run_id, status=RunStatus.RUNNING), step_write
-        )
+        record = ex.steps[name]
+        started_at = record.started_at or self._clock()
+        claim = self._journal.claim_step(ex.run.run_id, name, attempt, started_at)
+        if ex.starting:
+            ex.starting = False
+            ex.run.status = RunStatus.RUNNING
+            # Both land in one group commit: one disk sync on the way to the first step.
+            _, won = await asyncio.gather(
+                self._journal.update_run(ex.run.run_id, status=RunStatus.RUNNING), claim
+            )
+        else:
+            won = await claim
+        if not won:
+            # Another replica started this attempt: calling the function here would double
+            # its effect. The winner carries the run on.
+            raise StepTakenError(f"step {name!r} attempt {attempt} was claimed elsewhere")
+        record.status, record.attempts, record.started_at = StepStatus.RUNNING, attempt, started_at
 
     async def _set_step(self, ex: Execution, name: str, **changes: Any) -> None:
         await self._journal.update_step(ex.run.run_id, name, **changes)
@@ -479,3 +486,10 @@ class Runner:
         self._metrics.step_duration.labels(function=function, result=result).observe(
             time.monotonic() - started
         )
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` is ``kind`` or a task group's exception group holding one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(kind) is not None
+    return isinstance(exc, kind)

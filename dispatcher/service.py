@@ -17,6 +17,7 @@ from dispatcher.journal import Journal, RunRecord, RunStatus, StepRecord
 from dispatcher.limits import check_target_free
 from dispatcher.metrics import Metrics
 from dispatcher.planner import make_plan
+from dispatcher.queueing import RunQueue
 from dispatcher.runner import Runner
 
 log = logging.getLogger("snaphook.service")
@@ -36,9 +37,11 @@ class Dispatcher:
         resolver: BindingResolver,
         blueprints: Callable[[], BlueprintSet],
         metrics: Metrics,
+        queue: RunQueue,
     ) -> None:
         self.journal = journal
         self.runner = runner
+        self.queue = queue
         self._resolver = resolver
         self._blueprints = blueprints
         self._metrics = metrics
@@ -108,6 +111,8 @@ class Dispatcher:
             return existing
         try:
             stored, created = await self.journal.accept(run, steps)
+            if not stored.status.final:
+                await self.queue.enqueue(stored, steps, created=created)
         except JournalError:
             log.exception("journal refused an event", extra={"event_id": event.id})
             raise EventError(
@@ -119,7 +124,6 @@ class Dispatcher:
         if created:
             self._metrics.events_accepted.labels(type=event.type).inc()
             log.info("event accepted", extra=_fields(stored, event))
-            self.runner.submit(stored.run_id, fresh=(stored, steps))
         else:
             self._metrics.events_duplicate.inc()
         return Accepted(stored, created)

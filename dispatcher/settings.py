@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     max_headers: int = Field(default=128, ge=16, le=1024)
 
     journal_sync: Literal["full", "normal"] = "full"
+    # Where runs, steps and leases live and how accepted runs reach a runner: the embedded
+    # SQLite journal (one process), or NATS JetStream (several replicas, docs/scale-out.md).
+    backend: Literal["sqlite", "nats"] = "sqlite"
+    nats_url: str = "nats://127.0.0.1:4222"  # comma-separated for a cluster
+    nats_prefix: str = Field(default="snaphook", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    nats_replicas: int = Field(default=1, ge=1, le=5)  # stream and bucket replicas (R1/R3)
     lease_reap_interval: Annotated[Duration, Field(ge=0.01)] = 1.0
 
     sink_url: str | None = Field(

@@ -343,6 +343,34 @@ class TestJournalContract:
             assert lease is not None
             assert lease.released_by == f"releaser-{wins.index(True)}"
 
+    async def test_claim_step_is_compare_and_set_per_attempt(self, journal: Journal) -> None:
+        run = a_run()
+        await journal.accept(run, steps_for(run, "freeze"))
+        assert await journal.claim_step(run.run_id, "freeze", 1, 2000.0)
+        # The same attempt again (another replica after a redelivery) loses.
+        assert not await journal.claim_step(run.run_id, "freeze", 1, 2001.0)
+        (step,) = await journal.get_steps(run.run_id)
+        assert (step.status, step.attempts, step.started_at) == (StepStatus.RUNNING, 1, 2000.0)
+        # A running step cannot be claimed for the next attempt until it is pending again.
+        assert not await journal.claim_step(run.run_id, "freeze", 2, 2002.0)
+        await journal.update_step(run.run_id, "freeze", status=StepStatus.PENDING)
+        assert await journal.claim_step(run.run_id, "freeze", 2, 2003.0)
+        (step,) = await journal.get_steps(run.run_id)
+        assert (step.attempts, step.started_at) == (2, 2000.0)  # first start kept
+        await journal.update_step(run.run_id, "freeze", status=StepStatus.SUCCEEDED)
+        assert not await journal.claim_step(run.run_id, "freeze", 3, 2004.0)
+        assert not await journal.claim_step(run.run_id, "nope", 1, 2004.0)
+
+    async def test_concurrent_step_claims_have_one_winner(self, journal: Journal) -> None:
+        run = a_run()
+        names = [f"s{n}" for n in range(10)]
+        await journal.accept(run, steps_for(run, *names))
+        for name in names:
+            wins = await asyncio.gather(
+                *(journal.claim_step(run.run_id, name, 1, 2000.0 + who) for who in range(3))
+            )
+            assert sorted(wins) == [False, False, True]
+
     async def test_failing_write_does_not_affect_concurrent_writes(self, journal: Journal) -> None:
         await journal.put_lease(a_lease(0))
         writes = [journal.put_lease(a_lease(n)) for n in range(1, 40)]

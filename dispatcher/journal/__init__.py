@@ -149,6 +149,17 @@ class Journal(Protocol):
 
     async def update_step(self, run_id: str, name: str, **changes: Any) -> None: ...
 
+    async def claim_step(self, run_id: str, name: str, attempt: int, started_at: float) -> bool:
+        """Compare-and-set the start of one attempt: mark the step ``running`` with
+        ``attempts=attempt`` only if it is ``pending`` and its stored ``attempts`` is below
+        ``attempt``.
+
+        Returns whether this caller won. With several dispatcher replicas on one journal,
+        a replica that lost the claim must not call the function: exactly one effect per
+        (run, step, attempt). ``started_at`` is kept if the step has one already.
+        """
+        ...
+
     async def put_lease(self, lease: LeaseRecord) -> None: ...
 
     async def get_lease(self, lease_id: str) -> LeaseRecord | None: ...

@@ -496,6 +496,26 @@ class SQLiteJournal:
         missing = f"unknown step {name!r} of run {run_id!r}"
         await self._call("update_step", _update_one(sql, (*params, run_id, name), missing))
 
+    async def claim_step(self, run_id: str, name: str, attempt: int, started_at: float) -> bool:
+        sql = (
+            "UPDATE steps SET status = ?, attempts = ?, started_at = COALESCE(started_at, ?) "
+            "WHERE run_id = ? AND name = ? AND attempts < ? AND status = ?"
+        )
+        values = (
+            StepStatus.RUNNING.value,
+            attempt,
+            started_at,
+            run_id,
+            name,
+            attempt,
+            StepStatus.PENDING.value,
+        )
+        # One op at a time on the writer thread: the WHERE clause is the compare.
+        rowcount: int = await self._call(
+            "claim_step", lambda conn: conn.execute(sql, values).rowcount
+        )
+        return rowcount == 1
+
     # --- leases
 
     async def put_lease(self, lease: LeaseRecord) -> None:

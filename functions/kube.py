@@ -1,0 +1,1 @@
+"""Kubernetes hook functions (kube.*): exec, job, scale, service switch, annotate, event."""

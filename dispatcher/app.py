@@ -36,6 +36,7 @@ from functions.httpguard import HttpPolicy, guarded_session
 from functions.sdk import (
     AwsConfig,
     FunctionRegistry,
+    KubeConfig,
     ObjectStore,
     SecretResolver,
     default_registry,
@@ -201,7 +202,11 @@ def _build(
     metrics = Metrics()
     store = ObjectStore(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     aws = AwsConfig(endpoint_url=settings.aws_endpoint_url, region=settings.aws_region)
-    invoker = InProcessInvoker(registry, http, secrets, store, aws)
+    kube = KubeConfig(
+        kubeconfig=str(settings.kubeconfig) if settings.kubeconfig else None,
+        context=settings.kube_context,
+    )
+    invoker = InProcessInvoker(registry, http, secrets, store, aws, kube)
     leases = LeaseManager(journal, invoker, engine, registry, metrics)
     runner = Runner(
         journal,

@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     aws_endpoint_url: str | None = None
     aws_region: str = "us-east-1"
 
+    # The Kubernetes API for kube.* functions, annotation bindings and Secrets: the pod's
+    # service account when unset, else this kubeconfig (and context).
+    kubeconfig: Path | None = None
+    kube_context: str | None = None
+
     # Outbound HTTP of hook functions (ctx.http), see functions/httpguard.py. Link-local and
     # cloud metadata addresses are refused whatever these say.
     http_allow_private: bool = False  # 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7

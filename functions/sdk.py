@@ -193,6 +193,15 @@ class AwsConfig:
     region: str = "us-east-1"
 
 
+@dataclass(frozen=True)
+class KubeConfig:
+    """How kube.* functions reach the Kubernetes API: the pod's service account when
+    ``kubeconfig`` is unset (in-cluster), else that kubeconfig file (and ``context``)."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+
+
 class _HeldResources:
     """Objects a lease keeps alive in this process (e.g. the connection holding FTWRL)."""
 
@@ -226,6 +235,7 @@ class Context:
     on_progress: ProgressCallback | None = None
     object_store: ObjectStore = field(default_factory=ObjectStore)
     aws: AwsConfig = field(default_factory=AwsConfig)
+    kube: KubeConfig = field(default_factory=KubeConfig)
 
     def remaining(self) -> float:
         """Seconds left before the step's timeout."""

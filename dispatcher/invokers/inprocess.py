@@ -16,6 +16,7 @@ from functions.sdk import (
     AwsConfig,
     Context,
     FunctionRegistry,
+    KubeConfig,
     ObjectStore,
     PermanentError,
     SecretResolver,
@@ -74,12 +75,14 @@ class InProcessInvoker:
         secrets: SecretResolver,
         object_store: ObjectStore | None = None,
         aws: AwsConfig | None = None,
+        kube: KubeConfig | None = None,
     ) -> None:
         self._registry = registry
         self._http = http
         self._secrets = secrets
         self._object_store = object_store or ObjectStore()
         self._aws = aws or AwsConfig()
+        self._kube = kube or KubeConfig()
 
     async def invoke(self, invocation: Invocation) -> dict[str, Any]:
         spec = self._registry.get(invocation.function)
@@ -106,5 +109,6 @@ class InProcessInvoker:
             lease_id=invocation.lease_id,
             object_store=self._object_store,
             aws=self._aws,
+            kube=self._kube,
         )
         return outputs_of(await spec.fn(ctx, params))

@@ -39,6 +39,8 @@ __all__ = [
     "FunctionError",
     "FunctionRegistry",
     "FunctionSpec",
+    "KubeConfig",
+    "KubeRule",
     "ObjectStore",
     "PermanentError",
     "RetryableError",
@@ -69,6 +71,16 @@ _T = typing.TypeVar("_T")
 
 
 @dataclass(frozen=True)
+class KubeRule:
+    """One Kubernetes RBAC rule a function needs (a ``PolicyRule``: groups, resources,
+    verbs). The Helm chart and ``snaphook rbac`` build least-privilege Roles from these."""
+
+    api_groups: tuple[str, ...]
+    resources: tuple[str, ...]
+    verbs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     """A registered hook function, normalised once at registration."""
 
@@ -77,6 +89,7 @@ class FunctionSpec:
     params_model: type[BaseModel]
     result_model: type[BaseModel] | None
     description: str = ""
+    rbac: tuple[KubeRule, ...] = ()  # Kubernetes permissions it needs, if it calls the API
 
 
 class FunctionRegistry:
@@ -131,9 +144,13 @@ def _models_of(fn: Callable[..., Any], name: str) -> tuple[type[BaseModel], type
 
 
 def function(
-    name: str, *, registry: FunctionRegistry | None = None
+    name: str,
+    *,
+    registry: FunctionRegistry | None = None,
+    rbac: typing.Iterable[KubeRule] = (),
 ) -> Callable[[FunctionImpl], FunctionImpl]:
-    """Register an async hook function under ``name`` (``family.action``)."""
+    """Register an async hook function under ``name`` (``family.action``); ``rbac`` lists
+    the Kubernetes permissions it needs (namespaced, in the target's namespace)."""
 
     def decorate(fn: FunctionImpl) -> FunctionImpl:
         if not inspect.iscoroutinefunction(fn):
@@ -145,6 +162,7 @@ def function(
             params_model=params_model,
             result_model=result_model,
             description=inspect.getdoc(fn) or "",
+            rbac=tuple(rbac),
         )
         (registry if registry is not None else default_registry).register(spec)
         return fn

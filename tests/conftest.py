@@ -22,8 +22,9 @@ from dispatcher.state import STATE, AppState
 from functions.sdk import AwsConfig, EventInfo, ObjectStore
 from tests.hookfns import Recorder, fresh
 
-# Looks for the test secrets in every log line, HTTP answer and journal row of the session.
-pytest_plugins = ["tests.secret_hygiene"]
+# Looks for the test secrets in every log line, HTTP answer and journal row of the session;
+# serves the fake Kubernetes API server (kube_cluster, kube_call).
+pytest_plugins = ["tests.secret_hygiene", "tests.kube_fake"]
 
 SUBJECT = "ns/Deployment/app"
 

@@ -1,0 +1,89 @@
+"""Which object a kube.* function acts on: the event's target unless its params name another.
+
+Blueprint authors mostly write nothing: ``kind``, ``name`` and ``namespace`` each default
+to the target's (``ctx.event.subject``, ``namespace/Kind/name``). Naming another kind
+without a name is an error rather than a guess; a namespace alone keeps the target's kind
+and name (the same app in another namespace).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from functions.kube_client import KindInfo, ObjectRef, event_target, kind_info
+from functions.sdk import Context, PermanentError
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A label or annotation key: an optional DNS-subdomain prefix and "/", then a name.
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+
+Namespace = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
+class ObjectParams(BaseModel):
+    """The object to act on; each field defaults to the event's target."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str | None = Field(default=None, min_length=1, max_length=63)
+    name: ObjectName | None = None
+    namespace: Namespace | None = None
+
+
+def target_namespace(ctx: Context, given: str | None = None) -> str:
+    """``given``, else the namespace of the event's target (any kind, custom ones too)."""
+    if given:
+        return given
+    target = ctx.event.data.get("target") if isinstance(ctx.event.data, dict) else None
+    if isinstance(target, dict) and target.get("namespace"):
+        return str(target["namespace"])
+    namespace = ctx.event.subject.split("/", 1)[0].strip()
+    if not namespace:
+        raise PermanentError(
+            f"the event's subject {ctx.event.subject[:100]!r} names no namespace; give namespace"
+        )
+    return namespace
+
+
+def object_ref(
+    ctx: Context,
+    p: ObjectParams,
+    *,
+    what: str,
+    allowed: tuple[str, ...] | None = None,
+    cluster_scoped: bool = False,
+) -> ObjectRef:
+    """The object ``p`` names, filled in from the event's target; ``allowed`` restricts the
+    kinds, ``cluster_scoped`` admits Namespaces (``what`` names the function in errors)."""
+    if p.kind is None and p.name is None:
+        target = event_target(ctx.event)
+        kind, name = target.kind, target.name
+    elif p.kind is not None and p.name is not None:
+        kind, name = kind_info(p.kind), p.name
+    elif p.name is not None:
+        kind, name = event_target(ctx.event).kind, p.name  # another object of the same kind
+    else:
+        raise PermanentError(f"{what}: kind {p.kind} needs a name")
+    _check_kind(kind, allowed, cluster_scoped, what)
+    return ObjectRef(target_namespace(ctx, p.namespace), kind, name)
+
+
+def _check_kind(
+    kind: KindInfo, allowed: tuple[str, ...] | None, cluster_scoped: bool, what: str
+) -> None:
+    if allowed is not None and kind.kind not in allowed:
+        raise PermanentError(
+            f"{what} works on {' and '.join(allowed)} objects, not {kind.kind}; give kind and name"
+        )
+    if not kind.namespaced and not cluster_scoped:
+        raise PermanentError(f"{what} works on namespaced objects, not {kind.kind}")

@@ -17,7 +17,10 @@ from dispatcher.bindings import ConfigBindingResolver, unknown_bindings
 from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintSet
 from dispatcher.errors import ConfigError, EventError, JournalError
-from dispatcher.invokers.inprocess import InProcessInvoker
+from dispatcher.invokers import Invoker
+from dispatcher.invokers.factory import function_session, inprocess_invoker
+from dispatcher.invokers.remote import RemoteInvoker
+from dispatcher.invokers.routing import RoutingInvoker
 from dispatcher.journal import Journal
 from dispatcher.journal.sqlite import SQLiteJournal
 from dispatcher.leases import LeaseManager
@@ -32,15 +35,7 @@ from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
 from dispatcher.templating import TemplateEngine
-from functions.httpguard import HttpPolicy, guarded_session
-from functions.sdk import (
-    AwsConfig,
-    FunctionRegistry,
-    KubeConfig,
-    ObjectStore,
-    SecretResolver,
-    default_registry,
-)
+from functions.sdk import FunctionRegistry, SecretResolver, default_registry
 
 log = logging.getLogger("snaphook.app")
 
@@ -138,21 +133,17 @@ def _lifecycle(
             journal, queue = open_backend(settings)
             await journal.open()
             stack.push_async_callback(journal.close)
-            http = guarded_session(
-                HttpPolicy(
-                    allow_private=settings.http_allow_private,
-                    allow_loopback=settings.http_allow_loopback,
-                    timeout=settings.http_timeout,
-                    max_response_bytes=settings.http_max_response_bytes,
-                )
-            )
+            http = function_session(settings)
             stack.push_async_callback(http.close)
+            # Function hosts are operator configuration too: their own sessions.
+            remote = RemoteInvoker.from_settings(settings)
+            stack.push_async_callback(remote.close)
             # The reply sink is operator configuration (often an in-cluster, private
             # address), not blueprint input: it goes out on its own, unguarded session.
             sink_http = aiohttp.ClientSession(trust_env=False)
             stack.push_async_callback(sink_http.close)
             state = _build(
-                app, settings, registry, secrets, engine, blueprints, journal, queue, http
+                app, settings, registry, secrets, engine, blueprints, journal, queue, http, remote
             )
             if settings.sink_url:
                 state.replies = ReplySender(
@@ -198,15 +189,12 @@ def _build(
     journal: Journal,
     queue: RunQueue,
     http: aiohttp.ClientSession,
+    remote: Invoker | None = None,
 ) -> AppState:
     metrics = Metrics()
-    store = ObjectStore(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    aws = AwsConfig(endpoint_url=settings.aws_endpoint_url, region=settings.aws_region)
-    kube = KubeConfig(
-        kubeconfig=str(settings.kubeconfig) if settings.kubeconfig else None,
-        context=settings.kube_context,
-    )
-    invoker = InProcessInvoker(registry, http, secrets, store, aws, kube)
+    invoker: Invoker = inprocess_invoker(settings, registry, secrets, http)
+    if remote is not None:
+        invoker = RoutingInvoker(invoker, remote, settings.remote_functions)
     leases = LeaseManager(journal, invoker, engine, registry, metrics)
     runner = Runner(
         journal,

@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 from dispatcher.durations import Duration
 from dispatcher.errors import BlueprintError
 from dispatcher.events import Phase
+from dispatcher.invokers import check_remote_url
 from dispatcher.redaction import MASK, redactor
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "BlueprintErrors",
     "BlueprintSet",
     "BlueprintSpec",
+    "InvokeSpec",
     "LeaseSpec",
     "Metadata",
     "ParamSpec",
@@ -96,6 +98,21 @@ class LeaseSpec(_Model):
         return {"function": value} if isinstance(value, str) else value
 
 
+class InvokeSpec(_Model):
+    """Where a step's function runs instead of in the dispatcher: a function host
+    (``snaphook function serve``, docs/function-host.md). Literal: no templates."""
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _host_url(cls, value: str) -> str:
+        problem = check_remote_url(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
 class StepSpec(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
     function: str = Field(min_length=1)
@@ -106,6 +123,7 @@ class StepSpec(_Model):
     on_error: Literal["fail", "continue"] = "fail"
     when: Literal["on_success", "on_failure", "always"] = "on_success"
     lease: LeaseSpec | None = None
+    invoke: InvokeSpec | None = None
 
     @property
     def final(self) -> bool:

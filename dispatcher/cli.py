@@ -1,4 +1,4 @@
-"""``snaphook`` command line: serve, emit, validate, plan, runs, auth.
+"""``snaphook`` command line: serve, function serve, emit, validate, plan, runs, auth.
 
 Exit codes: 0 success / allowed, 1 denied / failed / invalid, 2 usage or transport error.
 """
@@ -141,6 +141,48 @@ def _run(app: Any, settings: Settings, ssl_context: Any = None) -> None:
         ),
         shutdown_timeout=settings.shutdown_grace,
     )
+
+
+@main.group("function")
+def function_group() -> None:
+    """Serve hook functions to remote dispatchers (docs/function-host.md)."""
+
+
+@function_group.command("serve")
+@click.option(
+    "--functions",
+    envvar="SNAPHOOK_FUNCTIONS",
+    default="",
+    help="Comma-separated families, names or patterns to serve (default: all installed).",
+)
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default $PORT, else 8080).")
+@config_option
+def function_serve(functions: str, host: str | None, port: int | None, config: Path | None) -> None:
+    """Serve functions as CloudEvents endpoints: POST / or /functions/<name>."""
+    from dispatcher.app import load_functions
+    from dispatcher.function_host import create_function_host, select_functions, serve
+    from dispatcher.logs import configure_logging
+    from dispatcher.tls import serving_context
+
+    settings = load_settings(config, host=host, port=port)
+    stop_logging = configure_logging(settings.log_level, background=True)
+    try:
+        selection = [entry.strip() for entry in functions.split(",") if entry.strip()]
+        served = select_functions(load_functions(settings.function_modules), selection)
+        app = create_function_host(settings, served)
+        ssl_context = serving_context(settings)
+    except SnaphookError as exc:
+        stop_logging()
+        fail(str(exc), 1)
+    try:
+        asyncio.run(
+            serve(
+                app, settings, ssl_context=ssl_context, announce=lambda m: click.echo(m, err=True)
+            )
+        )
+    finally:
+        stop_logging()
 
 
 @main.command()

@@ -352,6 +352,7 @@ class Runner:
             timeout=spec.timeout,
             outputs={name: s.get("outputs", {}) for name, s in scope["steps"].items()},
             lease_id=lease_id,
+            remote_url=spec.invoke.url if spec.invoke is not None else None,
         )
         async with asyncio.timeout(spec.timeout):
             return await self._invoker.invoke(invocation)

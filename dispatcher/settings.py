@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -33,6 +41,7 @@ from pydantic_settings import (
 
 from dispatcher.durations import Duration
 from dispatcher.errors import ConfigError
+from dispatcher.invokers import check_remote_url
 from dispatcher.principals import AuthSettings
 
 FailurePolicy = Literal["fail", "ignore"]
@@ -145,6 +154,21 @@ class Settings(BaseSettings):
     http_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     http_max_response_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
 
+    # Remote functions (docs/function-host.md): function name or fnmatch pattern
+    # ("postgres.*") -> URL of a function host. An exact name beats a pattern, a longer
+    # pattern a shorter one. A step's own ``invoke: {url}`` beats both.
+    remote_functions: dict[str, str] = Field(default_factory=dict)
+    remote_token: SecretStr | None = None  # sent to function hosts as a bearer token
+    # Rendered params (secrets included) travel to the host: cleartext http only to
+    # loopback/private addresses ("private"), never, or anywhere ("any").
+    remote_plain_http: Literal["private", "never", "any"] = "private"
+    remote_ca: Path | None = None  # CA bundle that signed function hosts' certificates
+    # The function host (``snaphook function serve``): the bearer token callers must send,
+    # and how long (and how many) finished invocations are remembered for deduplication.
+    function_token: SecretStr | None = None
+    function_dedup_ttl: Annotated[Duration, Field(gt=0)] = 900.0
+    function_dedup_max: int = Field(default=10_000, ge=1, le=1_000_000)
+
     # NoDecode: the environment source hands these over as raw strings ("a,b" or JSON),
     # decoded by ``_comma_separated`` rather than by pydantic-settings' JSON-only parsing.
     function_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -165,6 +189,17 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError("not a valid JSON list") from None
         return [item.strip() for item in value.split(",") if item.strip()]
+
+    @field_validator("remote_functions")
+    @classmethod
+    def _remote_routes(cls, value: dict[str, str]) -> dict[str, str]:
+        for pattern, url in value.items():
+            if not pattern.strip() or any(c.isspace() for c in pattern):
+                raise ValueError(f"function pattern {pattern!r} must be a non-empty name")
+            problem = check_remote_url(url)
+            if problem is not None:
+                raise ValueError(f"{pattern}: {problem}")
+        return value
 
     @property
     def journal_path(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -15,11 +16,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from dispatcher.app import create_app
 from dispatcher.cehttp import encode_event
-from dispatcher.invokers import Invocation
+from dispatcher.invokers import Invocation, Invoker
 from dispatcher.invokers.inprocess import InProcessInvoker
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
-from functions.sdk import AwsConfig, EventInfo, ObjectStore
+from functions.sdk import AwsConfig, EventInfo, FunctionRegistry, ObjectStore
 from tests.hookfns import Recorder, fresh
 
 # Looks for the test secrets in every log line, HTTP answer and journal row of the session;
@@ -137,6 +138,61 @@ async def harness(tmp_path: Path) -> AsyncIterator[HarnessFactory]:
     yield make
     for h in made:
         await h.client.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll until ``check()`` holds, for state a test cannot wait on otherwise (another
+    process, a server without events)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        assert loop.time() < deadline, f"{check} did not hold within {timeout:g} s"
+        await asyncio.sleep(0.02)
+
+
+# --- function hosts (``snaphook function serve``) in-process --------------------------------
+
+
+@dataclass
+class FunctionHostHandle:
+    client: TestClient[Any, Any]
+    recorder: Recorder  # what the host's test functions did
+
+    @property
+    def url(self) -> str:
+        return str(self.client.make_url("/"))
+
+
+FunctionHostFactory = Callable[..., Awaitable[FunctionHostHandle]]
+
+
+@pytest.fixture
+async def function_host() -> AsyncIterator[FunctionHostFactory]:
+    """Function hosts on 127.0.0.1 serving ``registry`` (default: built-ins + test
+    functions recording into their own Recorder); ``invoker`` replaces the in-process one;
+    other keywords are settings."""
+    from dispatcher.function_host import create_function_host
+
+    made: list[TestClient[Any, Any]] = []
+
+    async def make(
+        registry: FunctionRegistry | None = None,
+        recorder: Recorder | None = None,
+        *,
+        invoker: Invoker | None = None,
+        **settings: Any,
+    ) -> FunctionHostHandle:
+        recorder = recorder or Recorder()
+        served = registry if registry is not None else fresh(recorder)
+        app = create_function_host(Settings.load(None, **settings), served, invoker=invoker)
+        client: TestClient[Any, Any] = TestClient(TestServer(app))
+        await client.start_server()
+        made.append(client)
+        return FunctionHostHandle(client, recorder)
+
+    yield make
+    for client in made:
+        await client.close()
 
 
 # --- AWS: moto in server mode over real HTTP ---------------------------------------------

@@ -1,0 +1,120 @@
+"""Deduplication of invocations on a function host.
+
+The dispatcher sends each attempt with a stable id (``<run>/<step>/<attempt>``). The same
+id can arrive twice: the dispatcher re-sends after losing a response, a broker redelivers,
+Lambda retries an asynchronous invocation. Running the function again would repeat its
+effect (a second dump, a second notification), so:
+
+* while the first call is running, a repeat joins it and gets the same answer;
+* once it has finished, a repeat gets the stored answer, for ``ttl`` seconds, from a cache
+  bounded to ``max_entries`` (least recently used first out).
+
+The call runs in its own task, so a caller that goes away (a dropped connection) neither
+cancels the effect nor loses its answer for the repeat that follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["InvocationCache", "Joined", "KeyConflict"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Joined(Generic[T]):
+    value: T
+    replayed: bool  # True when another call with the same key produced it
+
+
+class KeyConflict(Exception):
+    """The key is known but was used for something else (another function)."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(tag)
+        self.tag = tag
+
+
+class InvocationCache(Generic[T]):
+    def __init__(
+        self,
+        ttl: float,
+        max_entries: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl <= 0 or max_entries < 1:
+            raise ValueError("ttl must be > 0 and max_entries >= 1")
+        self._ttl = ttl
+        self._max = max_entries
+        self._clock = clock
+        self._running: dict[Hashable, tuple[str, asyncio.Task[T]]] = {}
+        self._done: OrderedDict[Hashable, tuple[float, str, T]] = OrderedDict()
+
+    async def run(self, key: Hashable, tag: str, call: Callable[[], Awaitable[T]]) -> Joined[T]:
+        """``call()``'s result for ``key``: computed now, joined, or replayed.
+
+        ``tag`` says what the key is for (the function name): :class:`KeyConflict` if the
+        key is known with another tag, rather than answering for the wrong function.
+        """
+        stored = self._stored(key)
+        if stored is not None:
+            self._check(stored[0], tag)
+            return Joined(stored[1], replayed=True)
+        running = self._running.get(key)
+        if running is not None:
+            self._check(running[0], tag)
+            # shield: a joiner that goes away must not cancel the call it joined.
+            return Joined(await asyncio.shield(running[1]), replayed=True)
+        task = asyncio.ensure_future(call())
+        self._running[key] = (tag, task)
+        task.add_done_callback(lambda done: self._finished(key, tag, done))
+        return Joined(await asyncio.shield(task), replayed=False)
+
+    def in_flight(self) -> list[asyncio.Task[T]]:
+        return [task for _, task in self._running.values()]
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def __len__(self) -> int:
+        """Finished invocations remembered (some may have expired since)."""
+        return len(self._done)
+
+    def _check(self, known: str, tag: str) -> None:
+        if known != tag:
+            raise KeyConflict(known)
+
+    def _stored(self, key: Hashable) -> tuple[str, T] | None:
+        entry = self._done.get(key)
+        if entry is None:
+            return None
+        expires, tag, value = entry
+        if expires <= self._clock():
+            del self._done[key]
+            return None
+        self._done.move_to_end(key)
+        return tag, value
+
+    def _finished(self, key: Hashable, tag: str, task: asyncio.Task[T]) -> None:
+        self._running.pop(key, None)
+        if task.cancelled() or task.exception() is not None:
+            return  # nothing to replay: the next call with this key runs afresh
+        self._done[key] = (self._clock() + self._ttl, tag, task.result())
+        self._done.move_to_end(key)
+        self._expire()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._done:
+            oldest = next(iter(self._done))
+            if len(self._done) <= self._max and self._done[oldest][0] > now:
+                break
+            del self._done[oldest]

@@ -4,6 +4,7 @@
 from functions import (  # noqa: F401
     kube_annotate,
     kube_event,
+    kube_exec,
     kube_job,
     kube_scale,
     kube_service,

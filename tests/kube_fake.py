@@ -217,7 +217,7 @@ class FakeCluster:
             raise KeyError(f"no pod {namespace}/{pod}")
         name = container or obj["spec"]["containers"][0]["name"]
         self._logs[(namespace, pod, name)] = text
-        self._notify()
+        self.notify()
 
     def logs_of(self, namespace: str, pod: str, container: str) -> str:
         return self._logs.get((namespace, pod, container), "")
@@ -348,7 +348,8 @@ class FakeCluster:
         ]
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Wait (on store changes, not a sleep loop) until ``predicate()`` holds."""
+        """Wait until ``predicate()`` holds, re-checking it at every store change, request
+        and exec session change (no sleep loop)."""
         async with asyncio.timeout(timeout):
             while not predicate():
                 await self.changed().wait()
@@ -364,7 +365,8 @@ class FakeCluster:
             self._pulse = asyncio.Event()
         return self._pulse
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Wake ``wait_until`` callers (store changes, exec sessions ending)."""
         if self._pulse is not None:
             self._pulse.set()
             self._pulse = None
@@ -375,7 +377,7 @@ class FakeCluster:
 
     def add_watcher(self, queue: asyncio.Queue[Change | None]) -> None:
         self.watchers.add(queue)
-        self._notify()
+        self.notify()
 
     def history_since(self, rv: int) -> list[Change]:
         if rv < self._oldest_rv:
@@ -408,7 +410,7 @@ class FakeCluster:
         self._history.append(change)
         for queue in self.watchers:
             queue.put_nowait(change)
-        self._notify()
+        self.notify()
 
     def _bump(self) -> str:
         self._rv += 1

@@ -137,6 +137,7 @@ async def serve_exec(
         tty=_flag(query, "tty"),
     )
     cluster.execs.append(call)
+    cluster.notify()
     first = STDOUT if call.stdout else STDERR if call.stderr else ERROR
     await ws.send_bytes(bytes([first]))  # tells the client the streams are set up
     await _run(cluster, ws, call)
@@ -165,6 +166,7 @@ async def _run(cluster: FakeCluster, ws: web.WebSocketResponse, call: ExecCall) 
         reader.cancel()
         work.cancel()
         await ws.close()
+        cluster.notify()
 
 
 async def _invoke(handler: ExecHandler, call: ExecCall) -> ExecResult:

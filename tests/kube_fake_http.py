@@ -58,6 +58,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         request.method, request.path, MultiDict(request.query), content_type, None
     )
     cluster.requests.append(record)
+    cluster.notify()  # lets tests wait_until a request arrived
     try:
         response = await _serve(cluster, request, record)
     except ApiError as error:

@@ -7,11 +7,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.kube_fake import JobScript, RunningCluster, write_kubeconfig
+from tests.kube_fake import ExecResult, JobScript, RunningCluster, write_kubeconfig
 
 
 @pytest.fixture
@@ -479,3 +480,43 @@ async def test_injected_failures(api: client.ApiClient, kube_cluster: RunningClu
         await v1.list_namespaced_pod("default")
     assert exc.value.status == 429 and exc.value.headers["Retry-After"] == "3"
     assert (await v1.list_namespaced_pod("default")).items == []  # only once
+
+
+async def test_exec_as_kubernetes_asyncio_does_it(kube_cluster: RunningCluster) -> None:
+    from kubernetes_asyncio.stream import WsApiClient
+
+    cluster = kube_cluster.cluster
+    cluster.add_pod("db", "p")
+    cluster.on_exec("p", lambda call: ExecResult(stdout="out ", stderr="err", exit_code=3))
+    configuration = client.Configuration()
+    await config.load_kube_config(
+        config_file=str(kube_cluster.kubeconfig),
+        client_configuration=configuration,
+        persist_config=False,
+    )
+    async with WsApiClient(configuration) as ws_api:
+        v1 = client.CoreV1Api(ws_api)
+        command = ["sh", "-c", "exit 3"]
+        # The library's own reader joins stdout and stderr.
+        text = await v1.connect_get_namespaced_pod_exec(
+            "p", "db", command=command, stdout=True, stderr=True
+        )
+        assert text == "out err"
+        assert cluster.execs[0].protocol == "v4.channel.k8s.io"  # what it offers by default
+
+        async with await v1.connect_get_namespaced_pod_exec(
+            "p", "db", command=command, stdout=True, stderr=True, _preload_content=False
+        ) as ws:
+            frames = [msg.data async for msg in ws]
+        assert frames[0] == b"\x01"  # an empty frame on stdout: the streams are ready
+        (error,) = [f for f in frames if f[0] == 3]
+        assert WsApiClient.parse_error_data(error[1:]) == 3
+        assert json.loads(error[1:])["reason"] == "NonZeroExitCode"
+
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            async with await v1.connect_get_namespaced_pod_exec(
+                "gone", "db", command=command, stdout=True, _preload_content=False
+            ):
+                pass
+        assert refused.value.status == 404
+        assert cluster.requests[-1].status == 404

@@ -252,7 +252,9 @@ def _data_arg(data: str | None, event_type: str, **given: Any) -> dict[str, Any]
         if not isinstance(value, dict):
             fail("--data must be a JSON object")
         return value
-    backup_id = given.get("backup_id") or f"manual-{uuid.uuid4().hex[:12]}"
+    # A generated id starts with the backup name (velero-3f2a…), so runs stay recognisable.
+    prefix = (given.get("backup_name") or "manual")[:200]
+    backup_id = given.get("backup_id") or f"{prefix}-{uuid.uuid4().hex[:12]}"
     result: dict[str, Any] = {
         "backup": {"name": given.get("backup_name") or backup_id, "id": backup_id}
     }
@@ -283,14 +285,37 @@ def build_event(
 
 @main.command()
 @click.option("--type", "event_type", required=True, help="backup.pre, backup.post, ...")
-@click.option("--subject", required=True, help="namespace/kind/name")
+@click.option(
+    "--subject",
+    required=True,
+    envvar="SNAPHOOK_SUBJECT",
+    help="namespace/kind/name [SNAPHOOK_SUBJECT]",
+)
 @click.option("--data", help="Event data JSON object.")
 @click.option("--backup-name", help="data.backup.name (when --data is not given).")
 @click.option("--backup-id", help="data.backup.id (when --data is not given).")
+@click.option(
+    "--follow-pre",
+    is_flag=True,
+    help="Post events: reuse data.backup of the newest pre run of this subject and source "
+    "(for platforms that cannot pass one backup id to both hooks).",
+)
 @click.option("--outcome", type=click.Choice(["succeeded", "failed", "partial"]))
-@click.option("--source", default="snaphook-cli", show_default=True)
+@click.option(
+    "--source",
+    default="snaphook-cli",
+    show_default=True,
+    envvar="SNAPHOOK_SOURCE",
+    help="CloudEvents source: the platform instance [SNAPHOOK_SOURCE].",
+)
 @click.option("--id", "event_id", help="Event id (default: random). Same id = same run.")
-@click.option("--url", default="http://127.0.0.1:8080/v1/events", show_default=True)
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8080/v1/events",
+    show_default=True,
+    envvar="SNAPHOOK_URL",
+    help="Events endpoint, or the dispatcher's base URL [SNAPHOOK_URL].",
+)
 @click.option("--wait", type=float, help="Wait up to S seconds for the decision.")
 @click.option("--mode", type=click.Choice(["structured", "binary"]), default="structured")
 @click.option("--timeout", type=float, default=None, help="HTTP timeout (default wait + 10 s).")
@@ -300,6 +325,8 @@ def emit(**options: Any) -> None:
     from dispatcher.commands import send_event
 
     credentials = credentials_of(options)
+    if options["follow_pre"]:
+        options.update(_followed_backup(options, credentials))
     data = _data_arg(
         options["data"],
         options["event_type"],
@@ -328,12 +355,41 @@ def emit(**options: Any) -> None:
     sys.exit(code)
 
 
+def _followed_backup(options: dict[str, Any], credentials: ClientCredentials) -> dict[str, str]:
+    """backup_name/backup_id of the pre run that ``emit --follow-pre`` follows."""
+    from dispatcher.commands import backup_of_pre
+
+    full_type = build_event(options["event_type"], options["subject"], {})["type"]
+    if not full_type.endswith(".post"):
+        fail("--follow-pre is for post events: it reuses the backup of their pre event")
+    if options["data"] or options["backup_id"] or options["backup_name"]:
+        fail(
+            "--follow-pre takes data.backup from the pre run: drop --data/--backup-id/--backup-name"
+        )
+    backup = asyncio.run(
+        backup_of_pre(
+            options["url"],
+            pre_type=full_type.removesuffix(".post") + ".pre",
+            subject=options["subject"],
+            source=options["source"],
+            credentials=credentials,
+        )
+    )
+    return {"backup_name": backup["name"], "backup_id": backup["id"]}
+
+
 @main.group()
 def runs() -> None:
     """Inspect runs through a running dispatcher's API."""
 
 
-url_option = click.option("--url", default="http://127.0.0.1:8080", show_default=True)
+url_option = click.option(
+    "--url",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    envvar="SNAPHOOK_URL",
+    help="The dispatcher's base URL [SNAPHOOK_URL].",
+)
 
 
 @runs.command("ls")
@@ -343,10 +399,10 @@ url_option = click.option("--url", default="http://127.0.0.1:8080", show_default
 @credential_options
 def runs_ls(url: str, status: str | None, limit: int, **options: Any) -> None:
     """List recent runs, newest first."""
-    from dispatcher.commands import api_get, format_runs
+    from dispatcher.commands import api_base, api_get, format_runs
 
     query = f"?limit={limit}" + (f"&status={status}" if status else "")
-    body = asyncio.run(api_get(f"{url.rstrip('/')}/v1/runs{query}", credentials_of(options)))
+    body = asyncio.run(api_get(f"{api_base(url)}/v1/runs{query}", credentials_of(options)))
     click.echo(format_runs(body.get("runs", [])))
 
 
@@ -356,9 +412,9 @@ def runs_ls(url: str, status: str | None, limit: int, **options: Any) -> None:
 @credential_options
 def runs_show(run_id: str, url: str, **options: Any) -> None:
     """Show one run with its steps and leases (JSON)."""
-    from dispatcher.commands import api_get
+    from dispatcher.commands import api_base, api_get
 
-    body = asyncio.run(api_get(f"{url.rstrip('/')}/v1/runs/{run_id}", credentials_of(options)))
+    body = asyncio.run(api_get(f"{api_base(url)}/v1/runs/{run_id}", credentials_of(options)))
     click.echo(json.dumps(body, indent=2))
 
 

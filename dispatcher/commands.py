@@ -109,6 +109,47 @@ async def send_event(
     return 0, answer
 
 
+def api_base(url: str) -> str:
+    """The dispatcher's base URL from an events URL (``…/v1/events`` or ``…/``)."""
+    base = url.split("?", 1)[0].rstrip("/")
+    return base.removesuffix("/v1/events")
+
+
+# How far back --follow-pre looks: the runs API answers at most this many, newest first.
+FOLLOW_WINDOW = 1000
+
+
+async def backup_of_pre(
+    url: str,
+    *,
+    pre_type: str,
+    subject: str,
+    source: str,
+    credentials: ClientCredentials | None = None,
+) -> dict[str, str]:
+    """``data.backup`` of the newest ``pre_type`` run of ``subject`` from ``source``.
+
+    For platforms that run the pre and post hooks as separate commands and cannot hand one
+    backup id to both (K10's backupPrehook/backupPosthook, Velero's pod hooks): the post
+    event must carry the pre event's ``backup.id`` to release its leases. One freeze per
+    target (409) keeps the newest pre run of a target the one in progress.
+    """
+    base = api_base(url)
+    listing = await api_get(f"{base}/v1/runs?limit={FOLLOW_WINDOW}", credentials)
+    for run in listing.get("runs", []):
+        if (run.get("type"), run.get("subject"), run.get("source")) == (pre_type, subject, source):
+            detail = await api_get(f"{base}/v1/runs/{run['run_id']}", credentials)
+            backup = ((detail.get("event") or {}).get("data") or {}).get("backup")
+            if isinstance(backup, dict) and backup.get("id"):
+                return {"name": str(backup.get("name") or backup["id"]), "id": str(backup["id"])}
+    raise SystemExit(
+        _report(
+            f"--follow-pre: no {pre_type} run of {subject} from source {source!r} among the "
+            f"newest {FOLLOW_WINDOW} runs at {base}; send the pre event first, or give --backup-id"
+        )
+    )
+
+
 async def _answer(resp: aiohttp.ClientResponse) -> Any:
     text = await resp.text()
     try:

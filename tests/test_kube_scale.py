@@ -31,7 +31,7 @@ def replicas(kube: RunningCluster, name: str = "app", kind: str = "deployments")
     return count
 
 
-def annotations(kube: RunningCluster, name: str = "app", kind: str = "deployments") -> Any:
+def annotations_of(kube: RunningCluster, name: str = "app", kind: str = "deployments") -> Any:
     obj = kube.cluster.get(kind, "ns", name)
     assert obj is not None
     return obj["metadata"].get("annotations") or {}
@@ -50,7 +50,7 @@ async def test_scales_the_target_down_and_restores_it(kube: RunningCluster) -> N
         "changed": True,
     }
     assert replicas(kube) == 0
-    assert annotations(kube) == {ORIGINAL: "3"}
+    assert annotations_of(kube) == {ORIGINAL: "3"}
     # The count went through the scale subresource, as a JSON merge patch.
     [scale] = kube.cluster.requests_to(verb="patch", resource="deployments/scale")
     assert scale.content_type == "application/merge-patch+json"
@@ -72,7 +72,7 @@ async def test_scales_the_target_down_and_restores_it(kube: RunningCluster) -> N
         "ready_replicas": 3,
     }
     assert replicas(kube) == 3
-    assert annotations(kube) == {}  # the record is gone once restored
+    assert annotations_of(kube) == {}  # the record is gone once restored
     obj = kube.cluster.get("deployments", "ns", "app")
     assert obj is not None and obj["status"]["readyReplicas"] == 3
 
@@ -84,7 +84,7 @@ async def test_a_repeated_scale_keeps_the_first_original(kube: RunningCluster) -
 
     assert again["original_replicas"] == 3
     assert again["changed"] is False
-    assert annotations(kube) == {ORIGINAL: "3"}
+    assert annotations_of(kube) == {ORIGINAL: "3"}
     await call_kube(kube, "kube.scale_restore", {"replicas": ""})  # "" = not given
     assert replicas(kube) == 3
 
@@ -93,7 +93,7 @@ async def test_restore_takes_an_explicit_count(kube: RunningCluster) -> None:
     await call_kube(kube, "kube.scale", {"replicas": 1})
     out = await call_kube(kube, "kube.scale_restore", {"replicas": "5"})
     assert (out["replicas"], out["ready_replicas"]) == (5, 5)
-    assert replicas(kube) == 5 and annotations(kube) == {}
+    assert replicas(kube) == 5 and annotations_of(kube) == {}
 
 
 async def test_restore_without_a_record_does_nothing(kube: RunningCluster) -> None:
@@ -254,7 +254,7 @@ async def test_freeze_then_post_event_restores(kube: RunningCluster, freezer: An
     assert run["status"] == "succeeded", run
     [thaw] = run["steps"]
     assert thaw["outputs"]["replicas"] == 3
-    assert replicas(kube) == 3 and annotations(kube) == {}
+    assert replicas(kube) == 3 and annotations_of(kube) == {}
     pre_run = await freezer.final(pre["run_id"])
     [lease] = pre_run["leases"]
     assert lease["status"] == "released"
@@ -270,7 +270,7 @@ async def test_a_failed_pre_run_restores(kube: RunningCluster, freezer: Any) -> 
     [lease] = run["leases"]
     assert (lease["status"], lease["released_by"]) == ("released", "run-failed")
     assert lease["release_outputs"]["replicas"] == 3
-    assert replicas(kube) == 3 and annotations(kube) == {}
+    assert replicas(kube) == 3 and annotations_of(kube) == {}
 
 
 async def test_a_freeze_that_failed_half_way_is_undone(kube: RunningCluster, freezer: Any) -> None:
@@ -287,7 +287,7 @@ async def test_a_freeze_that_failed_half_way_is_undone(kube: RunningCluster, fre
     assert freeze["status"] == "failed" and "forbidden" in freeze["error"]
     [lease] = run["leases"]
     assert (lease["status"], lease["released_by"]) == ("released", "step-failed")
-    assert replicas(kube) == 3 and annotations(kube) == {}
+    assert replicas(kube) == 3 and annotations_of(kube) == {}
 
 
 def _event(backup_id: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -121,6 +121,8 @@ def _body(ctx: Context, p: EventParams, ref: ObjectRef, obj: dict[str, Any]) -> 
         annotations={"snaphook.io/run": ctx.run_id, "snaphook.io/step": ctx.step},
     )
     now = datetime.now(UTC)
+    # isoformat() drops the fraction at microsecond 0, but a MicroTime must carry six digits.
+    now = now.replace(microsecond=now.microsecond or 1)
     instance = socket.gethostname()[:128]
     if p.api == "core":
         return client.CoreV1Event(

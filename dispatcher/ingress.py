@@ -17,7 +17,6 @@ table so senders retry only what is worth retrying: 400/413/415/422 are final; 4
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from dispatcher.cehttp import (
     to_binary_message,
     webhook_options_response,
 )
+from dispatcher.durations import parse_duration
 from dispatcher.errors import EventError
 from dispatcher.events import hook_event_from
 from dispatcher.problems import problem_of
@@ -48,17 +48,16 @@ class Preferences:
 
 
 def _parse_wait(raw: str, field: str, cap: float) -> float:
+    """Seconds (``30``, ``2.5``) or a duration (``30s``, ``1m``), capped at ``max_wait``."""
     try:
-        value = float(raw)
+        value = parse_duration(raw)
     except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
         raise EventError(
             400,
             "Invalid wait",
-            f"{field} must be a number of seconds >= 0, got {raw[:40]!r}",
+            f"{field} must be seconds >= 0 or a duration like 30s, got {raw[:40]!r}",
             field=field,
-        )
+        ) from None
     return min(value, cap)
 
 

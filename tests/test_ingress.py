@@ -344,6 +344,7 @@ async def test_malformed_batch_element_is_rejected_naming_its_index(h: Harness) 
     "ask",
     [
         pytest.param(lambda r: with_query(r, wait="5"), id="query"),
+        pytest.param(lambda r: with_query(r, wait="5s"), id="query-duration"),
         pytest.param(lambda r: with_headers(r, Prefer="wait=5"), id="prefer"),
         pytest.param(
             lambda r: with_headers(r, Prefer='respond-async, wait="5"'),
@@ -555,7 +556,7 @@ MISMATCHED_TARGET = backup(target={"namespace": "other", "kind": "Deployment", "
         # the wait preference
         *(
             pytest.param(with_query(structured(), wait=value), 400, "wait", id=f"wait={value}")
-            for value in ("abc", "-1", "nan", "inf", "1e999", "")
+            for value in ("abc", "-1", "nan", "inf", "1e999", "", "5x", "-5s")
         ),
         pytest.param(
             with_headers(structured(), Prefer="wait=soon"), 400, "Prefer: wait", id="prefer-wait"

@@ -96,6 +96,14 @@ def main() -> None:
 @click.option("--tls-cert", type=_pem, default=None, help="Serve HTTPS with this certificate.")
 @click.option("--tls-key", type=_pem, default=None, help="Private key of --tls-cert.")
 @click.option("--tls-client-ca", type=_pem, default=None, help="Require client certs (mTLS).")
+@click.option(
+    "--backend",
+    type=click.Choice(["sqlite", "nats"]),
+    default=None,
+    help="sqlite (one process, default) or nats (replicas, docs/scale-out.md).",
+)
+@click.option("--nats-url", default=None, help="NATS server(s), comma-separated.")
+@click.option("--nats-prefix", default=None, help="Names of the streams and buckets.")
 @hooks_option
 @config_option
 def serve(
@@ -104,14 +112,27 @@ def serve(
     state_dir: Path | None,
     hooks: Path | None,
     config: Path | None,
+    backend: str | None,
+    nats_url: str | None,
+    nats_prefix: str | None,
     **tls: Path | None,
 ) -> None:
-    """Run the dispatcher (embedded SQLite journal in the state directory)."""
+    """Run the dispatcher (embedded SQLite journal in the state directory, or NATS)."""
     from dispatcher.app import create_app
     from dispatcher.logs import configure_logging
     from dispatcher.tls import serving_context
 
-    settings = load_settings(config, host=host, port=port, state_dir=state_dir, hooks=hooks, **tls)
+    settings = load_settings(
+        config,
+        host=host,
+        port=port,
+        state_dir=state_dir,
+        hooks=hooks,
+        backend=backend,
+        nats_url=nats_url,
+        nats_prefix=nats_prefix,
+        **tls,
+    )
     stop_logging = configure_logging(settings.log_level, background=True)
     try:
         app = create_app(settings)

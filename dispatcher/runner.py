@@ -137,6 +137,52 @@ class Runner:
             run.allowed, run.reason = allowed, reason
         return run
 
+    async def execute(self, run_id: str) -> None:
+        """Execute a journaled run here; return once this process is done with it.
+
+        Done is final, or given up (another replica claimed a step, the journal failed):
+        the caller reads the journal to tell which. Cancelling the caller cancels the run,
+        which stays unfinished in the journal. A queue that acknowledges a run only once it
+        is final uses this instead of :meth:`submit`.
+        """
+        self.submit(run_id)
+        task = self._tasks.get(run_id)
+        if task is not None:
+            await task
+
+    async def notify(self, run_id: str) -> None:
+        """The run's journal record changed, maybe on another replica: catch up here.
+
+        Wakes this process's ``wait_decision``/``wait_final`` callers once the record shows
+        their milestone (not before: a wake-up returns the run as it stands), and gives an
+        execution running here a decision that ``settle()`` journaled on another replica,
+        as if it had been settled here.
+        """
+        ex = self._executions.get(run_id)
+        if not (
+            (ex is not None and ex.run.allowed is None)
+            or run_id in self._settled
+            or run_id in self._decided
+            or run_id in self._finished
+        ):
+            return  # the common case on a busy replica: nobody here cares, no read
+        run = await self._journal.get_run(run_id)
+        if run is None:
+            return
+        if run.allowed is not None:
+            ex = self._executions.get(run_id)
+            if ex is not None and ex.run.allowed is None:
+                # Journaled already by the replica that answered: applied, not written again.
+                ex.run.allowed, ex.run.reason = run.allowed, run.reason
+                log.info(
+                    "phase decided elsewhere",
+                    extra=ex.log_fields(allowed=run.allowed, reason=run.reason),
+                )
+            self._decided.signal(run_id)
+        if run.status.final:
+            self._settled.pop(run_id, None)  # settled here, executed elsewhere
+            self._finished.signal(run_id)
+
     async def close(self, grace: float) -> None:
         """Let running runs finish for ``grace`` seconds, then cancel the rest.
 

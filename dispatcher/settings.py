@@ -117,6 +117,14 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"  # comma-separated for a cluster
     nats_prefix: str = Field(default="snaphook", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     nats_replicas: int = Field(default=1, ge=1, le=5)  # stream and bucket replicas (R1/R3)
+    # The run queue on NATS (dispatcher/nats_queue.py): a replica that stops heartbeating a
+    # run for ack_wait loses it to another; an event redelivered within dedup_window is
+    # queued once; a run is delivered at most max_deliver times; max_ack_pending caps the
+    # runs in flight over all replicas (at least replicas * max_concurrent_runs).
+    nats_ack_wait: Annotated[Duration, Field(ge=0.5, le=3600)] = 30.0
+    nats_dedup_window: Annotated[Duration, Field(ge=1, le=7 * 86400)] = 120.0
+    nats_max_deliver: int = Field(default=20, ge=2)
+    nats_max_ack_pending: int = Field(default=1024, ge=1)
     lease_reap_interval: Annotated[Duration, Field(ge=0.01)] = 1.0
 
     sink_url: str | None = Field(

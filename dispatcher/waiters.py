@@ -50,5 +50,9 @@ class Waiters:
             if not futures:
                 del self._futures[run_id]
 
+    def __contains__(self, run_id: object) -> bool:
+        """Whether anyone waits for ``run_id``."""
+        return run_id in self._futures
+
     def __len__(self) -> int:
         return sum(len(f) for f in self._futures.values())

@@ -32,7 +32,8 @@ from tests.kube_fake_resources import (
 )
 
 if TYPE_CHECKING:
-    from tests.kube_fake import Change, FakeCluster, RecordedRequest
+    from tests.kube_fake import FakeCluster, RecordedRequest
+    from tests.kube_fake_store import Change
 
 CLUSTER: web.AppKey[FakeCluster] = web.AppKey("cluster")
 

@@ -123,7 +123,7 @@ async def test_stdin_reaches_the_command_and_is_closed(
         return ExecResult(stdout=f"{len(data)} bytes, ends {data[-4:].decode()}\n")
 
     cluster.on_exec("p", wc)
-    script = "print(1);\n" * 10_000
+    script = "print(1);\n" * 4_000  # two stdin frames
     out = await kube_call(EXEC, {"pod": "p", "command": ["mongosh"], "stdin": script})
     assert out["stdout"] == f"{len(script)} bytes, ends 1);\n\n"
     assert cluster.execs[0].stdin and script not in str(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
@@ -29,6 +30,7 @@ from tests.chart_render import (
     of_kind,
     pod_specs,
     render,
+    render_files,
 )
 
 KUBE_VERSION = kubernetes_validate.utils.latest_version()
@@ -72,6 +74,16 @@ def test_lint_is_clean() -> None:
     report = helm.lint(CHART, strict=True)
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_the_packaged_chart_renders_the_same(chart: helm.Chart, tmp_path: Path) -> None:
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        assert render_files(packaged, SCENARIOS["everything"]) == render_files(
+            chart, SCENARIOS["everything"]
+        )
+        # The catalog's generator is a development tool, not part of a release.
+        assert not [f for f in packaged.files if f["name"].startswith("hack/")]
 
 
 def test_default_install_is_a_dispatcher_with_its_state_on_a_volume(chart: helm.Chart) -> None:

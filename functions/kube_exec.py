@@ -121,12 +121,10 @@ async def kube_exec(ctx: Context, p: ExecParams) -> ExecOutputs:
 
     results = await asyncio.gather(*(one(pod) for pod in pods), return_exceptions=True)
     done = _successes_or_raise(results, len(pods))
-    outputs = ExecOutputs(namespace=namespace, truncated=any(r.truncated for r in done), pods=done)
-    if not p.all_pods:
-        (only,) = done
-        outputs.pod, outputs.container, outputs.exit_code = only.pod, only.container, only.exit_code
-        outputs.stdout, outputs.stderr = only.stdout, only.stderr
-    return outputs
+    # One pod: its results at the top level too, so templates say outputs.lock.stdout.
+    single = done[0].model_dump() if not p.all_pods else {}
+    single.update(namespace=namespace, truncated=any(r.truncated for r in done), pods=done)
+    return ExecOutputs(**single)
 
 
 def _time_allowed(ctx: Context, wanted: float | None) -> float:
@@ -218,7 +216,8 @@ async def _exec_in(
             "(it may still be running in the container)"
         ) from None
     except ExecFailed as exc:
-        raise PermanentError(f"{what}: {exc}") from None
+        error = RetryableError if exc.broken else PermanentError
+        raise error(f"{what}: {exc}") from None
     if outcome.exit_code != 0 and outcome.exit_code not in p.allow_exit_codes:
         tail = outcome.stderr.tail_text().strip()[-_STDERR_IN_ERRORS:]
         said = f"; stderr ends: {tail}" if tail else " (no stderr)"

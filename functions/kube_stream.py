@@ -31,7 +31,12 @@ _TAIL = 2048  # bytes of stderr kept for error messages, whatever the output lim
 
 
 class ExecFailed(Exception):
-    """The command could not be run (not found, runtime error) or the stream broke off."""
+    """The command could not be run (not found, runtime error), or — ``broken`` — the
+    stream broke off before it reported how it ended (worth retrying)."""
+
+    def __init__(self, message: str, *, broken: bool = False) -> None:
+        super().__init__(message)
+        self.broken = broken
 
 
 @dataclass
@@ -148,5 +153,5 @@ async def run_exec(
                 await asyncio.gather(feeder, return_exceptions=True)
     if exit_code is None:
         # v4+ always report on the error channel; a bare close means the stream broke off.
-        raise ExecFailed("the exec stream closed before the command reported its exit")
+        raise ExecFailed("the exec stream closed before the command reported its exit", broken=True)
     return ExecOutcome(exit_code, stdout, stderr)

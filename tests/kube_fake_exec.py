@@ -44,6 +44,7 @@ class ExecResult:
     stderr: bytes | str = b""
     exit_code: int = 0
     error: str | None = None  # the runtime could not run the command at all
+    hang_up: bool = False  # close the stream without reporting on the error channel
 
 
 @dataclass(eq=False)
@@ -160,7 +161,8 @@ async def _run(cluster: FakeCluster, ws: web.WebSocketResponse, call: ExecCall) 
             await _send(ws, STDOUT, result.stdout)
         if call.stderr:
             await _send(ws, STDERR, result.stderr)
-        await ws.send_bytes(bytes([ERROR]) + _error_payload(call, result))
+        if not result.hang_up:
+            await ws.send_bytes(bytes([ERROR]) + _error_payload(call, result))
         call.outcome = "completed"
     finally:
         reader.cancel()

@@ -213,6 +213,17 @@ async def test_command_that_cannot_run(kube_call: Any, cluster: FakeCluster) -> 
     assert str(failed.value) == f"exec in Pod ns/p (container main): {error}"
 
 
+async def test_a_stream_that_breaks_off_is_retryable(kube_call: Any, cluster: FakeCluster) -> None:
+    cluster.add_pod("ns", "p")
+    cluster.on_exec("p", lambda call: ExecResult(stdout="partial", hang_up=True))
+    with pytest.raises(RetryableError) as broken:
+        await kube_call(EXEC, {"pod": "p", "command": ["mongodump"]})
+    assert str(broken.value) == (
+        "exec in Pod ns/p (container main): the exec stream closed before the command "
+        "reported its exit"
+    )
+
+
 async def test_forbidden(kube_call: Any, cluster: FakeCluster) -> None:
     cluster.add_pod("ns", "p", labels={"app": "x"})
     cluster.deny("create", "pods/exec", namespace="ns")

@@ -54,17 +54,22 @@ def test_blueprint_configmap_holds_the_blueprints_given(chart: helm.Chart) -> No
     assert yaml.safe_load(configmap["data"]["demo.yaml"]) == demo
 
 
+def mount(configmap: dict[str, Any], directory: Path) -> None:
+    """A ConfigMap volume as the kubelet writes it: the files in a hidden timestamped
+    directory, ``..data`` linking to it, and one link per key (so that an update is atomic)."""
+    payload = directory / "..2025_01_01_00_00_00.000000001"
+    payload.mkdir(parents=True)
+    (directory / "..data").symlink_to(payload.name)
+    for key, text in configmap["data"].items():
+        (payload / key).write_text(text)
+        (directory / key).symlink_to(f"..data/{key}")
+
+
 def write_mounts(documents: list[dict[str, Any]], root: Path) -> tuple[Path, Path]:
-    """The two ConfigMaps as the kubelet mounts them: config file and hooks directory."""
-    config = named(documents, "ConfigMap", f"{FULLNAME}-config")["data"]["snaphook.yaml"]
-    config_file = root / "config" / "snaphook.yaml"
-    config_file.parent.mkdir()
-    config_file.write_text(config)
-    hooks = root / "hooks"
-    hooks.mkdir()
-    for key, text in named(documents, "ConfigMap", f"{FULLNAME}-blueprints")["data"].items():
-        (hooks / key).write_text(text)
-    return config_file, hooks
+    """The two ConfigMaps mounted where the pod has them: config file and hooks directory."""
+    mount(named(documents, "ConfigMap", f"{FULLNAME}-config"), root / "config")
+    mount(named(documents, "ConfigMap", f"{FULLNAME}-blueprints"), root / "hooks")
+    return root / "config" / "snaphook.yaml", root / "hooks"
 
 
 def test_the_dispatcher_accepts_the_rendered_config_and_blueprints(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -293,3 +294,49 @@ def _event(backup_id: str, params: dict[str, Any]) -> dict[str, Any]:
     event = event_json("backup.pre", backup_id=backup_id)
     event["data"]["params"] = params
     return event
+
+
+# --- the shipped example: hooks/kube-cold-backup.yaml ---------------------------------------
+
+COLD = Path(__file__).resolve().parent.parent / "hooks" / "kube-cold-backup.yaml"
+
+
+async def test_the_cold_backup_example(kube: RunningCluster, harness: HarnessFactory) -> None:
+    kube.cluster.add_workload("StatefulSet", "ns", "db", replicas=2)
+    app = {"app": "db"}
+    kube.cluster.add(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "db", "namespace": "ns"},
+            "spec": {"selector": app, "ports": [{"port": 5432}]},
+        }
+    )
+    bindings = [{"blueprint": "kube-cold-backup", "params": {"service": "db"}}]
+    h = await harness(
+        {"kube-cold-backup": COLD.read_text()}, bindings=bindings, kubeconfig=kube.kubeconfig
+    )
+
+    def state() -> tuple[int, dict[str, str]]:
+        sts, svc = (
+            kube.cluster.get("statefulsets", "ns", "db"),
+            kube.cluster.get("services", "ns", "db"),
+        )
+        assert sts is not None and svc is not None
+        return sts["spec"]["replicas"], svc["spec"]["selector"]
+
+    pre = await h.emit("backup.pre", subject="ns/StatefulSet/db", backup_id="cold", wait=10)
+    assert pre["allowed"] is True, pre
+    assert state() == (0, {"app": "maintenance-page"})
+
+    post = await h.emit("backup.post", subject="ns/StatefulSet/db", backup_id="cold", wait=10)
+    run = await h.final(post["run_id"])
+
+    assert run["status"] == "succeeded", run
+    assert state() == (2, app)
+    [event] = kube.cluster.items("events", "ns")
+    assert (event["reason"], event["type"]) == ("ColdBackupDone", "Normal")
+    assert event["message"] == "backup nightly: succeeded; running again"
+    assert event["involvedObject"]["kind"] == "StatefulSet"
+    leases = (await h.final(pre["run_id"]))["leases"]
+    assert sorted(lease["released_by"].split(":")[0] for lease in leases) == ["step", "step"]

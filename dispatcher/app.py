@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from dispatcher import api, auth, ingress, openapi
-from dispatcher.bindings import ConfigBindingResolver, unknown_bindings
+from dispatcher.bindings import unknown_bindings
 from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.blueprints import BlueprintSet
 from dispatcher.errors import ConfigError, EventError, JournalError
@@ -23,6 +23,9 @@ from dispatcher.invokers.remote import RemoteInvoker
 from dispatcher.invokers.routing import RoutingInvoker
 from dispatcher.journal import Journal
 from dispatcher.journal.sqlite import SQLiteJournal
+from dispatcher.kube import KUBE, KubeAccess
+from dispatcher.kube_bindings import binding_resolver
+from dispatcher.kube_secrets import secret_resolver
 from dispatcher.leases import LeaseManager
 from dispatcher.limits import Limits, server_limits
 from dispatcher.metrics import Metrics
@@ -30,7 +33,6 @@ from dispatcher.problems import error_response, problem_response
 from dispatcher.queueing import LocalQueue, RunQueue
 from dispatcher.replies import ReplySender
 from dispatcher.runner import Runner
-from dispatcher.secrets import EnvSecretResolver
 from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
@@ -102,7 +104,8 @@ def create_app(
 ) -> web.Application:
     """Build the app. Blueprints are loaded and validated here, before anything serves."""
     registry = registry if registry is not None else load_functions(settings.function_modules)
-    secrets = secrets or EnvSecretResolver()
+    kube = KubeAccess.when_needed(settings)  # for annotation bindings and Secrets
+    secrets = secrets or secret_resolver(settings, kube)
     engine = TemplateEngine(secrets, env_allow=settings.env_allow)
     blueprints = load_blueprints(settings.hooks, registry, engine=engine)
     check_bindings(settings, blueprints)
@@ -116,6 +119,9 @@ def create_app(
     app.add_routes(api.routes())
     app.add_routes(openapi.routes(settings))
     auth.install(app, settings.auth)
+    if kube is not None:
+        app[KUBE] = kube
+        app.cleanup_ctx.append(kube.lifespan)  # connects before the runs start, closes after
     app.cleanup_ctx.append(_lifecycle(settings, registry, secrets, engine, blueprints))
     return app
 
@@ -205,7 +211,7 @@ def _build(
         metrics,
         max_concurrent=settings.max_concurrent_runs,
     )
-    resolver = ConfigBindingResolver(settings.bindings)
+    resolver = binding_resolver(settings, app.get(KUBE), lambda: blueprints)
     dispatcher = Dispatcher(journal, runner, resolver, lambda: blueprints, metrics, queue)
     state = AppState(settings, blueprints, journal, runner, leases, dispatcher, metrics)
     state.limits = Limits.from_settings(settings)

@@ -223,6 +223,63 @@ def validate(directory: Path | None, config: Path | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--functions",
+    "function_names",
+    help="Comma-separated functions, or 'all' (default: those the blueprints call).",
+)
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Grant the functions' rules in this namespace only (repeatable, or a,b).",
+)
+@click.option(
+    "--service-account",
+    default="snaphook:snaphook",
+    show_default=True,
+    help="namespace:name the roles are bound to.",
+)
+@click.option("--name", default="snaphook", show_default=True, help="Prefix of role names.")
+@click.option("--no-dispatcher", is_flag=True, help="Only the functions' rules (function hosts).")
+@hooks_option
+@config_option
+def rbac(
+    function_names: str | None,
+    namespaces: tuple[str, ...],
+    service_account: str,
+    name: str,
+    no_dispatcher: bool,
+    hooks: Path | None,
+    config: Path | None,
+) -> None:
+    """Print least-privilege Kubernetes RBAC (roles and bindings) as YAML."""
+    from dispatcher.app import load_functions
+    from dispatcher.rbac import rbac_manifests, select_functions, to_yaml
+
+    account_namespace, _, account = service_account.partition(":")
+    if not account_namespace or not account:
+        fail("--service-account must be namespace:name")
+    settings = load_settings(config, hooks=hooks)
+    try:
+        registry = load_functions(settings.function_modules)
+        functions = select_functions(settings, registry, function_names)
+    except SnaphookError as exc:
+        fail(str(exc), 1)
+    manifests = rbac_manifests(
+        settings,
+        functions,
+        namespaces=[n.strip() for item in namespaces for n in item.split(",") if n.strip()],
+        service_account=(account_namespace, account),
+        name=name,
+        include_dispatcher=not no_dispatcher,
+    )
+    for warning in manifests.warnings:
+        click.echo(f"snaphook: warning: {warning}", err=True)
+    click.echo(to_yaml(manifests.documents), nl=False)
+
+
+@main.command()
 @click.option("--event", "event_file", type=click.File("r"), help="CloudEvent JSON file.")
 @click.option("--type", "event_type", help="Event type, e.g. backup.pre.")
 @click.option("--subject", help="namespace/kind/name")

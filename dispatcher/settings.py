@@ -17,6 +17,7 @@ so it can sit beside blueprints (the blueprint loader skips it)::
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -42,9 +43,12 @@ from pydantic_settings import (
 from dispatcher.durations import Duration
 from dispatcher.errors import ConfigError
 from dispatcher.invokers import check_remote_url
+from dispatcher.kube import workload_kind
 from dispatcher.principals import AuthSettings
 
 FailurePolicy = Literal["fail", "ignore"]
+# An entry of kube_secret_allow: [namespace/]name, either part a DNS name or an fnmatch glob.
+SECRET_PATTERN = re.compile(r"^(?:[a-z0-9.*?-]{1,253}/)?[a-z0-9.*?-]{1,253}$")
 
 
 class BindingMatch(BaseModel):
@@ -154,6 +158,18 @@ class Settings(BaseSettings):
     # service account when unset, else this kubeconfig (and context).
     kubeconfig: Path | None = None
     kube_context: str | None = None
+    # Annotation bindings (docs/kubernetes.md): ``snaphook.io/*`` annotations on the event's
+    # workload, or its Namespace, select the blueprint; off: config bindings only.
+    kube_bindings: bool = False
+    kube_binding_kinds: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["Deployment", "StatefulSet", "DaemonSet"]
+    )
+    kube_watch: bool = True  # LIST+WATCH into memory; off: GET, cached for kube_cache_ttl
+    kube_cache_ttl: Annotated[Duration, Field(gt=0, le=3600)] = 10.0
+    # ``secret(name, key)`` from Kubernetes Secrets in the target's namespace, when the
+    # environment has no SNAPHOOK_SECRET_*; only the names listed ("name", "ns/name", globs).
+    kube_secrets: bool = False
+    kube_secret_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Outbound HTTP of hook functions (ctx.http), see functions/httpguard.py. Link-local and
     # cloud metadata addresses are refused whatever these say.
@@ -185,7 +201,14 @@ class Settings(BaseSettings):
     webhook_allowed_origins: Annotated[list[str] | None, NoDecode] = None  # None = any origin
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("function_modules", "env_allow", "webhook_allowed_origins", mode="before")
+    @field_validator(
+        "function_modules",
+        "env_allow",
+        "webhook_allowed_origins",
+        "kube_binding_kinds",
+        "kube_secret_allow",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         # Environment variables carry lists as "a,b,c" as well as JSON.
@@ -208,6 +231,21 @@ class Settings(BaseSettings):
             if problem is not None:
                 raise ValueError(f"{pattern}: {problem}")
         return value
+
+    @field_validator("kube_binding_kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        return [workload_kind(kind) for kind in kinds]
+
+    @field_validator("kube_secret_allow")
+    @classmethod
+    def _secret_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not SECRET_PATTERN.fullmatch(pattern):
+                raise ValueError(
+                    f"{pattern!r} is not 'name' or 'namespace/name' (lower-case, * and ? globs)"
+                )
+        return patterns
 
     @property
     def journal_path(self) -> Path:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from dispatcher.errors import ConfigError
+from dispatcher.kube import api_client
 from dispatcher.principals import TokenReviewSettings
 
 if TYPE_CHECKING:
@@ -59,26 +59,7 @@ class TokenReviewer:
     @classmethod
     async def connect(cls, settings: TokenReviewSettings) -> TokenReviewer:
         """A reviewer using the in-cluster service account, or ``settings.kubeconfig``."""
-        from kubernetes_asyncio import client, config
-
-        configuration = client.Configuration()
-        try:
-            if settings.kubeconfig is not None:
-                await config.load_kube_config(
-                    config_file=str(settings.kubeconfig),
-                    client_configuration=configuration,
-                    persist_config=False,  # never write back to the operator's file
-                )
-            else:
-                # The loader is untyped in kubernetes_asyncio; it fills ``configuration``.
-                config.load_incluster_config(  # type: ignore[no-untyped-call]
-                    client_configuration=configuration
-                )
-        except (config.ConfigException, OSError) as exc:
-            raise ConfigError(
-                f"auth.tokenreview: cannot configure Kubernetes access: {exc}"
-            ) from None
-        return cls(client.ApiClient(configuration), settings)
+        return cls(await api_client(settings.kubeconfig, None, what="auth.tokenreview"), settings)
 
     async def close(self) -> None:
         await self._client.close()

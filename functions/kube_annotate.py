@@ -9,13 +9,12 @@ Namespace while it is being backed up.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field, model_validator
 
 from functions.kube_client import api_client, patch_object
-from functions.kube_params import LabelKey, LabelValue, ObjectParams, object_ref
+from functions.kube_params import LabelKey, LabelValue, ObjectParams, object_ref, text_map
 from functions.sdk import Context, KubeRule, function
 
 ANNOTATION_BYTES = 256 * 1024  # the API server's limit for all annotations of an object
@@ -32,31 +31,8 @@ RBAC = (
 )
 
 
-def _text_values(value: Any) -> Any:
-    """A JSON object rendered by a template, and scalar values as the text they stand for;
-    ``null`` stays (it removes the key)."""
-    if isinstance(value, str):
-        if not value.strip():
-            return {}
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError("not a JSON object (render mappings with `| tojson`)") from None
-    if isinstance(value, dict):
-        return {k: _scalar_text(v) for k, v in value.items()}
-    return value
-
-
-def _scalar_text(value: Any) -> Any:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return value
-
-
-Annotations = Annotated[dict[LabelKey, str | None], BeforeValidator(_text_values)]
-Labels = Annotated[dict[LabelKey, LabelValue | None], BeforeValidator(_text_values)]
+Annotations = Annotated[dict[LabelKey, str | None], BeforeValidator(text_map)]
+Labels = Annotated[dict[LabelKey, LabelValue | None], BeforeValidator(text_map)]
 
 
 class AnnotateParams(ObjectParams):

@@ -15,15 +15,14 @@ injects the value, snaphook never reads it. The Job's log tail becomes the step'
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from functions.kube_client import api_client, api_errors
-from functions.kube_params import DNS_SUBDOMAIN, Namespace, target_namespace
+from functions.kube_params import DNS_SUBDOMAIN, Namespace, TextList, TextMap, target_namespace
 from functions.kube_wait import WaitTimeout, poll_until
 from functions.sdk import Context, KubeRule, PermanentError, function
 
@@ -48,44 +47,6 @@ _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 
 
 # --- params and outputs ------------------------------------------------------------------
-
-
-def _text(value: Any) -> Any:
-    """YAML scalars as the text a container sees (``5432`` → ``"5432"``, ``true`` → ``"true"``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return value
-
-
-def _text_list(value: Any) -> Any:
-    """Templates render to strings: ``"[...]"`` is a JSON list, any other string one item."""
-    if isinstance(value, str):
-        if not value.lstrip().startswith("["):
-            return [value]
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError("not a JSON list (render lists with `| tojson`)") from None
-    if isinstance(value, list):
-        return [_text(item) for item in value]
-    return value
-
-
-def _text_map(value: Any) -> Any:
-    if isinstance(value, str) and value.lstrip().startswith("{"):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError("not a JSON object (render mappings with `| tojson`)") from None
-    if isinstance(value, dict):
-        return {key: _text(item) for key, item in value.items()}
-    return value
-
-
-TextList = Annotated[list[str], BeforeValidator(_text_list)]
-TextMap = Annotated[dict[str, str], BeforeValidator(_text_map)]
 
 
 class SecretRef(BaseModel):

@@ -1,16 +1,22 @@
-"""Which object a kube.* function acts on: the event's target unless its params name another.
+"""Params shared by kube.* functions: which object they act on, and values as templates
+render them.
 
-Blueprint authors mostly write nothing: ``kind``, ``name`` and ``namespace`` each default
+Blueprint authors mostly name no object: ``kind``, ``name`` and ``namespace`` each default
 to the target's (``ctx.event.subject``, ``namespace/Kind/name``). Naming another kind
 without a name is an error rather than a guess; a namespace alone keeps the target's kind
 and name (the same app in another namespace).
+
+Templates render to strings, so a list or mapping computed by a template arrives as JSON
+text (``{{ x | tojson }}``), and Kubernetes wants text where YAML gives numbers (an env
+value ``5432``, a label ``true``): :data:`TextList` and :data:`TextMap` accept both.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from functions.kube_client import KindInfo, ObjectRef, event_target, kind_info
 from functions.sdk import Context, PermanentError
@@ -28,6 +34,54 @@ Namespace = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)
 ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME)]
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
+# --- values as templates render them -------------------------------------------------------
+
+
+def text(value: Any) -> Any:
+    """A YAML scalar as the text Kubernetes wants (``5432`` → ``"5432"``, ``true`` →
+    ``"true"``); ``None`` (a key to delete) and anything else are left as they are."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _from_json(value: str, kind: type, what: str) -> Any:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, kind):
+        raise ValueError(f"not a JSON {what} (render {what}s with `| tojson`)")
+    return parsed
+
+
+def text_list(value: Any) -> Any:
+    """``"[...]"`` is a JSON list, any other string a list of that one item."""
+    if isinstance(value, str):
+        if not value.lstrip().startswith("["):
+            return [value]
+        value = _from_json(value, list, "list")
+    return [text(item) for item in value] if isinstance(value, list) else value
+
+
+def text_map(value: Any) -> Any:
+    """A string is a JSON object (blank: none given); values become text."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        value = _from_json(value, dict, "object")
+    return {key: text(item) for key, item in value.items()} if isinstance(value, dict) else value
+
+
+TextList = Annotated[list[str], BeforeValidator(text_list)]
+TextMap = Annotated[dict[str, str], BeforeValidator(text_map)]
+
+
+# --- the object ----------------------------------------------------------------------------
 
 
 class ObjectParams(BaseModel):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from functions.kube_client import ObjectRef, api_client, kind_info, patch_object, read_object
-from functions.kube_params import LabelKey, LabelValue, Namespace, target_namespace
+from functions.kube_params import LabelKey, LabelValue, Namespace, target_namespace, text_map
 from functions.kube_patch import guarded, retry_conflicts
 from functions.sdk import Context, KubeRule, PermanentError, function
 
@@ -37,21 +37,7 @@ RBAC = (KubeRule(("",), ("services",), ("get", "patch")),)
 SERVICE = kind_info("Service")
 
 
-def _selector(value: Any) -> Any:
-    """``{{ steps.x.outputs.original_selector | tojson }}`` arrives as text; ``""`` is none."""
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError("not a JSON object (render selectors with `| tojson`)") from None
-    if isinstance(value, dict):
-        return {k: str(v) if isinstance(v, int | float) else v for k, v in value.items()}
-    return value
-
-
-Selector = Annotated[dict[LabelKey, LabelValue] | None, BeforeValidator(_selector)]
+Selector = Annotated[dict[LabelKey, LabelValue] | None, BeforeValidator(text_map)]
 
 
 class RevertParams(BaseModel):

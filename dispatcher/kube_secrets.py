@@ -6,7 +6,9 @@ returns key ``key``, base64-decoded, as a ``SecretStr``. Only Secrets that
 fnmatch globs of either (``mongo-*``, ``shop/*``); nothing is allowed by default, so turning
 ``kube_secrets`` on exposes nothing until the operator names what blueprints may read.
 Answers (values, or "not found") are cached for ``ttl`` seconds, so hot events do not GET
-the Secret every time; a rotated value is seen within ``ttl``.
+the Secret every time; a rotated value is seen within ``ttl``. While the API server cannot be
+reached (or answers 5xx), a value read within ``stale_for`` (an hour) is used rather than
+failing, say, the unlock of a frozen database.
 
 Each value is registered with the redactor when it is handed out (a function may call
 ``ctx.secrets.get`` itself, without the template path that registers it too), never
@@ -24,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import fnmatch
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +41,8 @@ from functions.sdk import SecretResolver
 
 __all__ = ["ChainSecretResolver", "KubeSecretResolver", "secret_resolver"]
 
+log = logging.getLogger("snaphook.kube")
+
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _MAX_CACHED = 1_000
 
@@ -51,15 +56,17 @@ class KubeSecretResolver:
         allow: Sequence[str],
         *,
         ttl: float = 10.0,
+        stale_for: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
         request_timeout: float = 10.0,
     ) -> None:
         self._access = access
         self._allow = list(allow)
         self._ttl = ttl
+        self._stale_for = max(stale_for, ttl)
         self._clock = clock
         self._request_timeout = request_timeout
-        # (namespace, name) → (expires, the decoded data, or the error message)
+        # (namespace, name) → (when read, the decoded data, or the error message)
         self._cache: dict[tuple[str, str], tuple[float, dict[str, SecretStr] | str]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[dict[str, SecretStr] | str]] = {}
 
@@ -95,7 +102,7 @@ class KubeSecretResolver:
     async def _data(self, namespace: str, name: str) -> dict[str, SecretStr] | str:
         cache_key = (namespace, name)
         entry = self._cache.get(cache_key)
-        if entry is not None and entry[0] > self._clock():
+        if entry is not None and entry[0] + self._ttl > self._clock():
             return entry[1]
         future = self._inflight.get(cache_key)
         if future is None:
@@ -127,21 +134,37 @@ class KubeSecretResolver:
                     f"snaphook may not get Kubernetes Secret {where} "
                     f"({exc.status} {exc.reason}; see snaphook rbac)",
                 )
+            stale = self._stale(namespace, name)
+            if stale is not None:
+                log.warning(
+                    "Kubernetes Secret %s cannot be read (%s); using the value read before",
+                    where,
+                    exc.reason,
+                )
+                return stale
             # Not cached: the next attempt asks again.
             return f"Kubernetes Secret {where}: {exc.reason}" + (
                 f" ({exc.status})" if exc.status else ""
             )
         return self._remember(namespace, name, _decoded(document, where))
 
+    def _stale(self, namespace: str, name: str) -> dict[str, SecretStr] | None:
+        """A value read within ``stale_for``: better than failing an unlock while the API
+        server is briefly away (the Secret was not deleted: that is a 404, not an outage)."""
+        entry = self._cache.get((namespace, name))
+        if entry is None or not isinstance(entry[1], dict):
+            return None
+        return entry[1] if entry[0] + self._stale_for > self._clock() else None
+
     def _remember(
         self, namespace: str, name: str, data: dict[str, SecretStr] | str
     ) -> dict[str, SecretStr] | str:
         now = self._clock()
         if len(self._cache) >= _MAX_CACHED:
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            self._cache = {k: v for k, v in self._cache.items() if v[0] + self._stale_for > now}
             if len(self._cache) >= _MAX_CACHED:
                 self._cache.clear()
-        self._cache[(namespace, name)] = (now + self._ttl, data)
+        self._cache[(namespace, name)] = (now, data)
         return data
 
 

@@ -177,3 +177,22 @@ async def test_chain_reads_the_environment_first_then_kubernetes(
         "secret creds/nope not found (set SNAPHOOK_SECRET_CREDS_NOPE); "
         "Kubernetes Secret db/creds has no key 'nope' (keys: other, pw)"
     )
+
+
+async def test_an_outage_uses_the_value_read_before_for_a_while(
+    kube_cluster: RunningCluster, resolver: Factory
+) -> None:
+    cluster = kube_cluster.cluster
+    value = test_secret("outage")
+    add_secret(cluster, "db", "creds", {"pw": value})
+    clock = Clock()
+    resolve = resolver(["creds"], ttl=10.0, stale_for=600.0, clock=clock)
+    await resolve.get("creds", "pw", namespace="db")
+
+    cluster.fail("get", "secrets", 503, times=100)
+    clock.now += 300.0  # past the TTL, within stale_for: the API server is asked, fails
+    assert (await resolve.get("creds", "pw", namespace="db")).get_secret_value() == value
+    clock.now += 400.0  # too old to stand in
+    message = await missing(resolve, "creds", "pw")
+    assert message.startswith("Kubernetes Secret db/creds: ") and "503" in message
+    assert len(cluster.requests_to(verb="get", resource="secrets")) == 3

@@ -208,8 +208,8 @@ class AnnotationIndex:
                 timeout=max(self._request_timeout, 60.0),
             )
             for item in page.get("items") or []:
-                metadata = item.get("metadata") or {} if isinstance(item, dict) else {}
-                if metadata.get("name"):
+                metadata = (item.get("metadata") or {}) if isinstance(item, dict) else {}
+                if isinstance(metadata, dict) and metadata.get("name"):
                     objects[self._key_of(metadata)] = snaphook_annotations(metadata)
             list_meta = page.get("metadata") or {}
             token = list_meta.get("continue")

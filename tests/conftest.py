@@ -243,6 +243,56 @@ async def bucket(object_store: ObjectStore) -> AsyncIterator[str]:
         await s3.delete_bucket(Bucket=name)
 
 
+# --- NATS JetStream: a real server (CI starts one) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """The NATS server with JetStream (``SNAPHOOK_TEST_NATS_URL``); unreachable = fail loudly."""
+    import json
+    import socket
+
+    url = os.environ.get("SNAPHOOK_TEST_NATS_URL", "nats://127.0.0.1:4222")
+    host, _, port = url.rpartition("://")[2].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            info = sock.makefile("rb").readline()  # the server greets with INFO {...}
+    except OSError as exc:
+        pytest.fail(
+            f"NATS is not reachable at {url} ({exc}): start `nats-server -js`", pytrace=False
+        )
+    if not info.startswith(b"INFO ") or not json.loads(info[5:]).get("jetstream"):
+        pytest.fail(f"the NATS server at {url} has no JetStream: start it with -js", pytrace=False)
+    return url
+
+
+@pytest.fixture
+async def nats_prefix(nats_url: str) -> AsyncIterator[str]:
+    """A unique name prefix; afterwards every JetStream stream (and so every key-value
+    bucket) whose name contains it is deleted."""
+    import json
+
+    import nats
+
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    yield prefix
+    nc = await nats.connect(nats_url)
+    try:
+        names: list[str] = []
+        while True:  # the names API pages (1024 a page)
+            query = json.dumps({"offset": len(names)}).encode()
+            page = json.loads((await nc.request("$JS.API.STREAM.NAMES", query, timeout=5)).data)
+            names += page.get("streams") or []
+            if not page.get("streams") or len(names) >= page["total"]:
+                break
+        js = nc.jetstream()
+        for name in names:
+            if prefix in name:
+                await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
 @dataclass
 class FunctionCaller:
     """Calls registered functions the way the dispatcher does (InProcessInvoker)."""

@@ -28,6 +28,7 @@ from dispatcher.journal import (
     StepRecord,
     StepStatus,
 )
+from dispatcher.journal.nats import NatsJournal
 from dispatcher.journal.sqlite import SCHEMA_VERSION, SQLiteJournal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MakeJournal = Callable[[], Journal]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "nats"])
 def make_journal(request: pytest.FixtureRequest, tmp_path: Path) -> MakeJournal:
     """Returns unopened journals that all share one storage, so a test can "restart"."""
     if request.param == "sqlite":
         return lambda: SQLiteJournal(tmp_path / "state" / "journal.db")
+    if request.param == "nats":
+        # A prefix of its own per test; its buckets are deleted afterwards.
+        url, prefix = request.getfixturevalue("nats_url"), request.getfixturevalue("nats_prefix")
+        return lambda: NatsJournal(url, prefix=prefix)
     raise AssertionError(request.param)
 
 

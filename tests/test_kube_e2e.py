@@ -45,6 +45,7 @@ class FakeMongo:
     """What mongosh does to one mongod: the fsyncLock count, and who authenticated."""
 
     lock_count: int = 0
+    fail_lock: bool = False  # lock, then fail (as a timeout half-way would)
     scripts: list[str] = field(default_factory=list)
     users: list[tuple[str, str]] = field(default_factory=list)
 
@@ -58,6 +59,8 @@ class FakeMongo:
             self.users.append((json.loads(auth.group(1)), json.loads(auth.group(2))))
         if "db.fsyncLock()" in script:
             self.lock_count += 1
+            if self.fail_lock:
+                return ExecResult(stderr="MongoServerError: interrupted\n", exit_code=1)
             reply = {"info": "now locked against writes", "lockCount": self.lock_count, "ok": 1}
             return ExecResult(stdout=json.dumps(reply) + "\n")
         if "db.fsyncUnlock()" in script:
@@ -176,6 +179,24 @@ async def test_annotated_statefulset_is_locked_unlocked_and_told(
     seen = [r.path + str(r.query) + json.dumps(r.body) for r in cluster.requests]
     seen += [json.dumps(run), json.dumps(done), json.dumps(told)]
     assert not [text for text in seen if password in text]
+
+
+async def test_a_failed_lock_is_unlocked_at_once(
+    kube_cluster: RunningCluster, harness: HarnessFactory
+) -> None:
+    cluster = kube_cluster.cluster
+    mongo = mongo_statefulset(cluster, "db", "mongo", {"snaphook.io/blueprint": "mongodb-kube"})
+    mongo.fail_lock = True
+    h = await dispatcher(harness, kube_cluster)
+    pre = await decide(h, "backup.pre", "db/StatefulSet/mongo")
+    assert pre["allowed"] is False
+    lock = next(s for s in pre["steps"] if s["name"] == "lock")
+    assert "exited with code 1; stderr ends: MongoServerError: interrupted" in lock["error"]
+    run = await h.final(pre["run_id"])
+    assert [(x["status"], x["released_by"]) for x in run["leases"]] == [("released", "step-failed")]
+    assert not mongo.locked  # the lease's release ran the unlock in the pod
+    (failed,) = events_on(cluster, "db", "StatefulSet", "mongo")
+    assert (failed["reason"], failed["type"]) == ("MongoFsyncLockFailed", "Warning")
 
 
 async def test_namespace_annotation_binds_its_statefulsets(

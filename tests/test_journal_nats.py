@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +24,11 @@ from dispatcher.errors import JournalError
 from dispatcher.journal import LeaseStatus, RunStatus, StepStatus
 from dispatcher.journal.kvcodec import idempotency_key
 from dispatcher.journal.nats import NatsJournal
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 from tests.test_journal import a_lease, a_run, steps_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll ``check`` (another replica's change arrives through a watch: no event to await)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, f"not within {timeout:g}s"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -79,7 +70,7 @@ async def test_replicas_accepting_the_same_events_create_each_run_once(
     async def both_list_all() -> bool:
         return [len(await j.list_runs(limit=100)) for j in (a, b)] == [20, 20]
 
-    await until(both_list_all)
+    await eventually(both_list_all)
 
 
 async def test_replicas_claiming_a_step_attempt_have_one_winner(
@@ -109,7 +100,7 @@ async def test_one_reaper_releases_an_expired_lease(replicas: list[NatsJournal])
     async def b_sees_them() -> bool:
         return len(await b.expired_leases(200.0)) == 10
 
-    await until(b_sees_them)
+    await eventually(b_sees_them)
     expired = {j: await j.expired_leases(200.0) for j in (a, b)}
     assert [x.lease_id for x in expired[a]] == [f"lease-{n}" for n in range(10)]
     assert expired[a] == expired[b]
@@ -144,7 +135,7 @@ async def test_listings_follow_other_replicas_writes(replicas: list[NatsJournal]
     async def a_caught_up() -> bool:
         return [r.run_id for r in await a.list_runs(status=RunStatus.FAILED)] == ["run-3"]
 
-    await until(a_caught_up)
+    await eventually(a_caught_up)
     assert [r.run_id for r in await a.list_runs()] == ["run-3", "run-2", "run-1"]
     assert [r.run_id for r in await a.unfinished_runs()] == ["run-1", "run-2"]
 
@@ -156,7 +147,7 @@ async def test_watch_runs_yields_changes_by_any_replica(replicas: list[NatsJourn
     async def a_has_it() -> bool:
         return len(await a.list_runs()) == 1
 
-    await until(a_has_it)  # run-1's creation went by before the watch below starts
+    await eventually(a_has_it)  # run-1's creation went by before the watch below starts
     changes = a.watch_runs()
     first = asyncio.ensure_future(anext(changes))
     await asyncio.sleep(0)  # the watcher runs up to its first wait: it is listening now
@@ -404,7 +395,7 @@ async def test_an_unreadable_record_is_a_journal_error_not_a_crash(
     async def b_lists_the_readable_ones() -> bool:
         return [r.run_id for r in await b.list_runs()] == ["run-4", "run-1"]
 
-    await until(b_lists_the_readable_ones)
+    await eventually(b_lists_the_readable_ones)
 
 
 # --- NATS going away
@@ -480,7 +471,7 @@ async def test_nats_lost_and_back_journal_errors_then_recovers(
             except JournalError:
                 return False
 
-        await until(answers_again, timeout=20)
+        await eventually(answers_again, timeout=20)
         assert await journal.claim_step("run-1", "s", 1, 1.0)
         # Its index follows writes again, too.
         other = NatsJournal(private_nats.url, prefix="t")
@@ -493,7 +484,7 @@ async def test_nats_lost_and_back_journal_errors_then_recovers(
         async def sees_run_3() -> bool:
             return "run-3" in {r.run_id for r in await journal.list_runs()}
 
-        await until(sees_run_3, timeout=20)
+        await eventually(sees_run_3, timeout=20)
     finally:
         await journal.close()
 
@@ -539,8 +530,8 @@ async def test_an_existing_bucket_gets_the_configured_replicas_on_a_cluster(
                 await journal.close()
             return True
 
-        await until(lambda: opens(1), timeout=30)
-        await until(lambda: opens(3), timeout=30)  # R1 -> R3 at start-up
+        await eventually(lambda: opens(1), timeout=30)
+        await eventually(lambda: opens(3), timeout=30)  # R1 -> R3 at start-up
         journal = NatsJournal(servers, prefix="t", replicas=3)
         await journal.open()
         try:

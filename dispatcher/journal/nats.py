@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
 import time
@@ -404,11 +405,11 @@ class NatsJournal:
             return wanted is None or current is wanted
 
         async with self._using("list_runs") as b:
-            chosen = sorted(
+            chosen = heapq.nlargest(
+                limit,
                 (s for s in self._runs.values() if matches(s.status)),
                 key=lambda s: (s.created_at, s.order),
-                reverse=True,
-            )[:limit]
+            )
             runs = await self._fetch_runs(b, chosen)
         return [run for run in runs if matches(run.status)]
 

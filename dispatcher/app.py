@@ -179,6 +179,15 @@ def _lifecycle(
 
 def open_backend(settings: Settings) -> tuple[Journal, RunQueue]:
     """The journal and run queue chosen by ``settings.backend`` (unopened)."""
+    if settings.backend == "nats":
+        # Imported here: a SQLite deployment never loads the NATS client.
+        from dispatcher.journal.nats import NatsJournal
+        from dispatcher.nats_queue import NatsQueue, QueueConfig
+
+        journal = NatsJournal(
+            settings.nats_url, prefix=settings.nats_prefix, replicas=settings.nats_replicas
+        )
+        return journal, NatsQueue(journal, QueueConfig.from_settings(settings))
     return (
         SQLiteJournal(settings.journal_path, synchronous=settings.journal_sync),
         LocalQueue(),

@@ -50,7 +50,7 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from dispatcher.errors import JournalError
 from dispatcher.journal import Journal, RunRecord, StepRecord
@@ -238,21 +238,42 @@ class NatsQueue:
     # -- set-up -------------------------------------------------------------------------
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
-        config = StreamConfig(
-            name=self._config.stream,
-            subjects=[f"{self._config.prefix}.runs.>"],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            num_replicas=self._config.replicas,
-            duplicate_window=self._config.dedup_window,
-        )
-        try:
-            await js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != STREAM_EXISTS:
-                raise
-            # Created before with other settings (replicas, window): the new ones apply.
-            await js.update_stream(config)
+        """Create the stream, or adopt it: what an operator set (placement, limits) stays;
+        the replicas and duplicate window become the configured ones."""
+        name, subjects = self._config.stream, [f"{self._config.prefix}.runs.>"]
+        for _ in range(2):  # a second pass if another replica created it meanwhile
+            try:
+                info = await js.stream_info(name)
+            except NotFoundError:
+                config = StreamConfig(
+                    name=name,
+                    description="snaphook: accepted runs, until final",
+                    subjects=subjects,
+                    retention=RetentionPolicy.WORK_QUEUE,
+                    storage=StorageType.FILE,
+                    num_replicas=self._config.replicas,
+                    duplicate_window=self._config.dedup_window,
+                )
+                try:
+                    await js.add_stream(config)
+                except BadRequestError as exc:
+                    if exc.err_code == STREAM_EXISTS:
+                        continue
+                    raise
+                return
+            current = info.config
+            if current.retention != RetentionPolicy.WORK_QUEUE or current.subjects != subjects:
+                raise JournalError(
+                    f"stream {name} exists but is not snaphook's run queue (work-queue "
+                    f"retention on {subjects[0]}); remove it or choose another nats_prefix"
+                )
+            wanted = current.evolve(
+                num_replicas=self._config.replicas, duplicate_window=self._config.dedup_window
+            )
+            if wanted != current:
+                await js.update_stream(wanted)
+            return
+        raise JournalError(f"stream {name} keeps changing while it is being created")
 
     async def _ensure_consumer(self, js: JetStreamContext) -> None:
         # Creating a durable consumer again updates what may change (ack_wait, limits).
@@ -347,20 +368,10 @@ class NatsQueue:
             await _quietly(msg.ack())
 
     async def _handle(self, delivery: Delivery) -> None:
-        assert self._owners is not None
-        run = await self._journal.get_run(delivery.run_id)
-        if run is None:
-            # Accepted before it was published, so the journal lost it (or a lagging
-            # replica of it answered): retried later, dropped after max_deliver.
-            log.warning("queued run not in the journal", extra={"run_id": delivery.run_id})
-            await _quietly(delivery.msg.nak(delay=self._config.heartbeat))
-            return
-        if run.status.final:
-            await _quietly(delivery.msg.ack())
-            return
-        if not await self._take(delivery):
-            return
-        await self._execute(delivery)
+        # No journal read first: the runner reads the run anyway and returns at once if it
+        # is final already (a message sent again after the dedup window).
+        if await self._take(delivery):
+            await self._execute(delivery)
 
     async def _take(self, delivery: Delivery) -> bool:
         """Own the run, waiting while another live replica owns it; ``False``: done here."""
@@ -408,6 +419,10 @@ class NatsQueue:
                 await _quietly(msg.ack())
             await self._owners_release(delivery)
             return
+        if run is None:
+            # Journaled before it was published, so the journal lost it: tried again
+            # later, dropped after max_deliver.
+            log.warning("queued run not in the journal", extra={"run_id": delivery.run_id})
         # Given up here (a journal outage; a step claimed elsewhere): try again later.
         await self._give_back(delivery, delay=self._config.heartbeat)
 

@@ -80,6 +80,19 @@ class Recorder:
         if path:
             with open(path, "a", encoding="utf-8") as out:
                 out.write(f"{key}\n")
+        counter = os.environ.get("SNAPHOOK_TEST_EFFECTS_REDIS")
+        if counter:
+            # Several replicas (processes) count into one Redis hash, per attempt.
+            _redis_count(counter, f"{key}/{ctx.attempt}")
+
+
+def _redis_count(target: str, field: str) -> None:
+    """HINCRBY on ``redis://host:port/db#hash``; synchronous: one local round trip."""
+    import redis
+
+    url, _, name = target.partition("#")
+    with redis.Redis.from_url(url) as client:
+        client.hincrby(name, field, 1)
 
 
 def install(registry: FunctionRegistry, recorder: Recorder) -> FunctionRegistry:

@@ -110,6 +110,8 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     logs: list[Path] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # more settings
+    args: list[str] = field(default_factory=list)  # more ``serve`` options, e.g. --backend
 
     @property
     def effects_path(self) -> Path:
@@ -135,6 +137,7 @@ class Server:
             SNAPHOOK_LEASE_REAP_INTERVAL="0.2",
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
         )
+        env.update(self.env)
         self.port = free_port()
         log = self.root / f"server{len(self.logs)}.log"
         self.logs.append(log)
@@ -148,6 +151,7 @@ class Server:
                     f"--state-dir={self.root / 'state'}",
                     f"--hooks={hooks}",
                     f"--config={config}",
+                    *self.args,
                 ],
                 cwd=REPO,
                 env=env,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from dispatcher.errors import SnaphookError
+from dispatcher.errors import ConfigError, SnaphookError
 from dispatcher.settings import Settings
 
 if TYPE_CHECKING:  # imported lazily below, like the other command modules
@@ -140,10 +140,15 @@ def serve(
     except SnaphookError as exc:
         stop_logging()
         fail(str(exc), 1)
+    problem = None
     try:
         _run(app, settings, ssl_context)
+    except ConfigError as exc:  # found while starting, e.g. no Kubernetes access: no traceback
+        problem = str(exc)
     finally:
         stop_logging()
+    if problem is not None:
+        fail(problem, 1)
 
 
 def _run(app: Any, settings: Settings, ssl_context: Any = None) -> None:

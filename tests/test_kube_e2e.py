@@ -296,3 +296,21 @@ def _no_env_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     """The environment resolver comes first: nothing there may shadow the cluster's."""
     for name in ("SNAPHOOK_SECRET_MONGO_CREDS_USERNAME", "SNAPHOOK_SECRET_MONGO_CREDS_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
+
+
+async def test_serve_without_kubernetes_access_says_so(tmp_path: Path) -> None:
+    from tests.test_cli import clean_env, snaphook
+
+    result = await snaphook(
+        "serve",
+        "--port",
+        "0",
+        "--state-dir",
+        str(tmp_path / "state"),
+        env=clean_env(SNAPHOOK_KUBE_BINDINGS="true", KUBERNETES_SERVICE_HOST=""),
+    )
+    assert result.code == 1
+    assert result.err.strip().endswith(
+        "kube_bindings/kube_secrets: cannot configure Kubernetes access: "
+        "Service host/port is not set. (not in a cluster? set kubeconfig)"
+    )

@@ -74,6 +74,9 @@ class ExecParams(BaseModel):
     timeout: float | None = Field(default=None, gt=0, le=24 * 3600)
     all_pods: bool = Field(default=False, alias="all")
     concurrency: int = Field(default=4, ge=1, le=64)
+    # The freeze lease this exec undoes (``"{{ leases.lock }}"``): a post step naming it ends
+    # that lease itself (docs/leases.md). Only recorded; the command does the undoing.
+    lease: str = Field(default="", max_length=128)
 
     @model_validator(mode="after")
     def _one_way_to_choose(self) -> ExecParams:

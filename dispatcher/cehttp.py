@@ -39,6 +39,13 @@ _NAME = re.compile(r"[a-z0-9]+")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Control characters, surrogates and BMP noncharacters are not allowed in String values.
 _BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
+# Noncharacters at the end of every other plane (U+1FFFE, U+1FFFF ... U+10FFFF): one
+# compiled class, because a per-character Python loop showed in the hot path of every event.
+_PLANE_ENDS = re.compile(
+    "["
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(1, 17))
+    + "]"
+)
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"  # date, T, time
     r"(?:[Zz]|([+-])([01]\d|2[0-3]):([0-5]\d))",  # offset
@@ -193,6 +200,8 @@ def _decode_header_value(raw: bytes, header: str) -> str:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         _malformed(f"{header} holds non-ASCII bytes; they must be percent-encoded", header)
+    if "%" not in text:
+        return text  # nothing to decode, and ASCII is valid UTF-8: the common case
     if _BAD_PERCENT.search(text):
         _malformed(f"{header} holds a malformed percent-encoding", header)
     try:
@@ -295,7 +304,7 @@ def _finish(attributes: dict[str, Any], data: Any, where: Where) -> ParsedEvent:
 
 def _has_forbidden_chars(value: str) -> bool:
     # Core spec "String": also noncharacters at the end of every plane (U+xFFFE, U+xFFFF).
-    return bool(_BAD_CHARS.search(value)) or any(ord(c) & 0xFFFE == 0xFFFE for c in value)
+    return bool(_BAD_CHARS.search(value) or _PLANE_ENDS.search(value))
 
 
 def _parse_time(value: str, field: str) -> datetime:

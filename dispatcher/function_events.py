@@ -20,7 +20,6 @@ on the wire are :mod:`dispatcher.cehttp`'s business.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -214,7 +213,8 @@ def _invalid(exc: ValidationError) -> EventError:
 def _answer(kind: str, request_id: str, function: str, source: str, data: Event) -> Event:
     return {
         "specversion": "1.0",
-        "id": uuid.uuid4().hex,
+        # Unique as the invocation id is (and a replay is the very same event).
+        "id": f"{request_id}/{kind.rsplit('.', 1)[-1]}",
         "source": source,
         "type": kind,
         # Set here, not by the encoder: a replayed answer must be the very same event.

@@ -9,8 +9,9 @@ effect (a second dump, a second notification), so:
 * once it has finished, a repeat gets the stored answer, for ``ttl`` seconds, from a cache
   bounded to ``max_entries`` (least recently used first out).
 
-The call runs in its own task, so a caller that goes away (a dropped connection) neither
-cancels the effect nor loses its answer for the repeat that follows.
+The call runs in the first caller's task; joiners wait on a future it settles. A caller
+whose client went away keeps running (aiohttp does not cancel such handlers), so the
+effect completes and its answer is there for the repeat that follows.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class InvocationCache(Generic[T]):
         self._ttl = ttl
         self._max = max_entries
         self._clock = clock
-        self._running: dict[Hashable, tuple[str, asyncio.Task[T]]] = {}
+        self._running: dict[Hashable, tuple[str, asyncio.Future[T]]] = {}
         self._done: OrderedDict[Hashable, tuple[float, str, T]] = OrderedDict()
 
     async def run(self, key: Hashable, tag: str, call: Callable[[], Awaitable[T]]) -> Joined[T]:
@@ -72,16 +73,26 @@ class InvocationCache(Generic[T]):
             self._check(running[0], tag)
             # shield: a joiner that goes away must not cancel the call it joined.
             return Joined(await asyncio.shield(running[1]), replayed=True)
-        task = asyncio.ensure_future(call())
-        self._running[key] = (tag, task)
-        task.add_done_callback(lambda done: self._finished(key, tag, done))
-        return Joined(await asyncio.shield(task), replayed=False)
-
-    def in_flight(self) -> list[asyncio.Task[T]]:
-        return [task for _, task in self._running.values()]
+        settled: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._running[key] = (tag, settled)
+        try:
+            value = await call()
+        except asyncio.CancelledError:
+            settled.cancel()
+            raise
+        except BaseException as exc:
+            settled.set_exception(exc)
+            settled.exception()  # marks it retrieved: without joiners nobody looks at it
+            raise
+        finally:
+            del self._running[key]
+        settled.set_result(value)
+        self._remember(key, tag, value)
+        return Joined(value, replayed=False)
 
     @property
     def running(self) -> int:
+        """Calls in progress now."""
         return len(self._running)
 
     def __len__(self) -> int:
@@ -103,11 +114,8 @@ class InvocationCache(Generic[T]):
         self._done.move_to_end(key)
         return tag, value
 
-    def _finished(self, key: Hashable, tag: str, task: asyncio.Task[T]) -> None:
-        self._running.pop(key, None)
-        if task.cancelled() or task.exception() is not None:
-            return  # nothing to replay: the next call with this key runs afresh
-        self._done[key] = (self._clock() + self._ttl, tag, task.result())
+    def _remember(self, key: Hashable, tag: str, value: T) -> None:
+        self._done[key] = (self._clock() + self._ttl, tag, value)
         self._done.move_to_end(key)
         self._expire()
 

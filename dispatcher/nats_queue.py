@@ -50,7 +50,7 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from dispatcher.errors import JournalError
 from dispatcher.journal import Journal, RunRecord, StepRecord
@@ -63,6 +63,7 @@ log = logging.getLogger("snaphook.queue")
 FETCH_WAIT = 1.0  # a pull request lingers this long; also how fast close() stops fetching
 FETCH_BATCH = 64  # at most this many messages per pull, within the free run slots
 RETRY_PAUSE = 1.0  # after a failed pull or watch, before the next one
+SET_UP_ATTEMPTS = 3  # of creating the stream, consumer and bucket, on timeouts
 STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 
 
@@ -158,21 +159,18 @@ class NatsQueue:
         as redeliveries of their unacknowledged messages.
         """
         self._runner = runner
-        js = self._journal.js
-        try:
-            await self._ensure_stream(js)
-            await self._ensure_consumer(js)
-            self._owners = await RunOwners.open(
-                js,
-                f"{self._config.prefix}_OWNERS",
-                ttl=self._config.ack_wait,
-                replicas=self._config.replicas,
-            )
-            self._sub = await js.pull_subscribe_bind(
-                durable=self._config.consumer, stream=self._config.stream
-            )
-        except nats.errors.Error as exc:
-            raise JournalError(f"NATS run queue {self._config.stream}: {exc}") from None
+        for attempt in range(1, SET_UP_ATTEMPTS + 1):
+            try:
+                await self._set_up(self._journal.js)
+                break
+            except (nats.errors.TimeoutError, ServiceUnavailableError) as exc:
+                # A cluster busy electing leaders (replicas starting together): once more.
+                if attempt == SET_UP_ATTEMPTS:
+                    raise JournalError(f"NATS run queue {self._config.stream}: {exc}") from None
+                log.warning("run queue set-up failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(RETRY_PAUSE)
+            except nats.errors.Error as exc:
+                raise JournalError(f"NATS run queue {self._config.stream}: {exc}") from None
         self._loops = [
             asyncio.create_task(self._fetch_loop(), name="nats queue fetch"),
             asyncio.create_task(self._heartbeat_loop(), name="nats queue heartbeat"),
@@ -236,6 +234,19 @@ class NatsQueue:
         await asyncio.gather(*pending, return_exceptions=True)
 
     # -- set-up -------------------------------------------------------------------------
+
+    async def _set_up(self, js: JetStreamContext) -> None:
+        await self._ensure_stream(js)
+        await self._ensure_consumer(js)
+        self._owners = await RunOwners.open(
+            js,
+            f"{self._config.prefix}_OWNERS",
+            ttl=self._config.ack_wait,
+            replicas=self._config.replicas,
+        )
+        self._sub = await js.pull_subscribe_bind(
+            durable=self._config.consumer, stream=self._config.stream
+        )
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         """Create the stream, or adopt it: what an operator set (placement, limits) stays;

@@ -181,7 +181,8 @@ class RemoteInvoker:
         invocation: Invocation,
         remaining: float,
     ) -> dict[str, Any]:
-        event = invocation_event(invocation, source=self._source, timeout=remaining)
+        # The contract caps one call at a day; a longer step timeout is told a day.
+        event = invocation_event(invocation, source=self._source, timeout=min(remaining, 86_400))
         headers, body = encode_event(event, "binary")
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token.get_secret_value()}"

@@ -40,6 +40,19 @@ class Redactor:
     def add_all(self, values: Iterable[str]) -> None:
         self.add(*values)
 
+    def known(self) -> frozenset[str]:
+        """The values being masked now (for a test harness to snapshot)."""
+        with self._lock:
+            return frozenset(self._values)
+
+    def reset(self, values: Iterable[str] = ()) -> None:
+        """Mask exactly ``values`` from now on. The set is process-wide: a test runner resets
+        it between tests so one test's secret ("backup" as a username) cannot mask another's
+        ordinary text."""
+        with self._lock:
+            self._values = set(values)
+            self._pattern = None
+
     def _compiled(self) -> re.Pattern[str] | None:
         with self._lock:
             if self._pattern is None and self._values:

@@ -18,6 +18,7 @@ from dispatcher.app import create_app
 from dispatcher.cehttp import encode_event
 from dispatcher.invokers import Invocation, Invoker
 from dispatcher.invokers.inprocess import InProcessInvoker
+from dispatcher.redaction import redactor
 from dispatcher.settings import Settings
 from dispatcher.state import STATE, AppState
 from functions.sdk import AwsConfig, EventInfo, FunctionRegistry, ObjectStore
@@ -96,6 +97,15 @@ class Harness:
 
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_redactor() -> Iterator[None]:
+    """The redactor is process-wide: a secret one test hands out (a username "backup") must
+    not mask ordinary text in the next test on the same worker."""
+    before = redactor.known()
+    yield
+    redactor.reset(before)
 
 
 def write_blueprints(directory: Path, blueprints: dict[str, str]) -> None:

@@ -31,7 +31,10 @@ __all__ = [
 
 
 class SnaphookError(Exception):
-    """Base of snaphook's own errors."""
+    """Base of snaphook's own errors. Mostly about input that retrying cannot fix; an
+    error caused by an outage says so with ``retryable = True`` (the runner retries it)."""
+
+    retryable: bool = False
 
 
 class BlueprintError(SnaphookError):

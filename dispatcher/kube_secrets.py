@@ -35,7 +35,7 @@ from pydantic import SecretStr
 
 from dispatcher.kube import SECRETS, KubeAccess, KubeError
 from dispatcher.redaction import redactor
-from dispatcher.secrets import EnvSecretResolver, SecretNotFoundError
+from dispatcher.secrets import EnvSecretResolver, SecretNotFoundError, SecretUnavailableError
 from dispatcher.settings import Settings
 from functions.sdk import SecretResolver
 
@@ -142,10 +142,11 @@ class KubeSecretResolver:
                     exc.reason,
                 )
                 return stale
-            # Not cached: the next attempt asks again.
-            return f"Kubernetes Secret {where}: {exc.reason}" + (
-                f" ({exc.status})" if exc.status else ""
-            )
+            # Not cached, and retryable: the step's next attempt asks again.
+            raise SecretUnavailableError(
+                f"Kubernetes Secret {where}: {exc.reason}"
+                + (f" ({exc.status})" if exc.status else "")
+            ) from None
         return self._remember(namespace, name, _decoded(document, where))
 
     def _stale(self, namespace: str, name: str) -> dict[str, SecretStr] | None:

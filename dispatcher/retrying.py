@@ -22,6 +22,9 @@ def classify(exc: BaseException, *, timeout: float) -> Failure:
     """Turn whatever an attempt raised into a journal-safe failure."""
     if isinstance(exc, TimeoutError):
         return Failure(f"timed out after {timeout:g}s", retryable=True)
+    if isinstance(exc, SnaphookError) and exc.retryable:
+        # An outage behind our own machinery (a secret store away): the next attempt may work.
+        return Failure(redactor.redact(str(exc) or type(exc).__name__), retryable=True)
     if isinstance(exc, PermanentError | SnaphookError):
         # Our own errors here (a template naming something missing) can't heal by retrying.
         return Failure(redactor.redact(str(exc) or type(exc).__name__), retryable=False)

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from dispatcher.errors import SnaphookError
 
-__all__ = ["EnvSecretResolver", "SecretNotFoundError"]
+__all__ = ["EnvSecretResolver", "SecretNotFoundError", "SecretUnavailableError"]
 
 _NOT_ALNUM = re.compile(r"[^A-Z0-9]")
 
@@ -30,6 +30,13 @@ class SecretNotFoundError(SnaphookError, KeyError):
     def __str__(self) -> str:
         # KeyError would quote the message as if it were a missing key.
         return self.message
+
+
+class SecretUnavailableError(SnaphookError):
+    """Where the secret lives cannot answer now (the API server is away): worth retrying,
+    and not a miss (a chain does not fall through to the next resolver)."""
+
+    retryable = True
 
 
 class EnvSecretResolver:

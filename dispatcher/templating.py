@@ -40,7 +40,13 @@ _NO_DEFAULT = object()
 
 
 class TemplateError(SnaphookError):
-    """A template failed to render: undefined name, sandbox violation, missing secret, ..."""
+    """A template failed to render: undefined name, sandbox violation, missing secret, ...
+
+    Retryable only when what failed was an outage (a secret store that did not answer)."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class TemplateEngine:
@@ -127,7 +133,10 @@ class TemplateEngine:
         try:
             return await self.compiled(source).render_async(variables)
         except Exception as exc:  # anything a template does wrong becomes one error type
-            raise TemplateError(f"template {_shown(source)}: {_describe(exc)}") from exc
+            retryable = isinstance(exc, SnaphookError) and exc.retryable
+            raise TemplateError(
+                f"template {_shown(source)}: {_describe(exc)}", retryable=retryable
+            ) from exc
 
     def _env(self, name: str, default: Any = _NO_DEFAULT) -> Any:
         name = str(name)

@@ -243,6 +243,28 @@ async def test_annotation_change_is_picked_up(
     assert second["allowed"] is True and mongo.locked
 
 
+async def test_a_secret_read_during_an_api_outage_is_retried(
+    kube_cluster: RunningCluster, harness: HarnessFactory
+) -> None:
+    cluster = kube_cluster.cluster
+    password = test_secret("mongo password, outage")
+    cluster.add_namespace("db")
+    add_secret(cluster, "db", "mongo-creds", {"username": "backup-op", "password": password})
+    mongo = mongo_statefulset(
+        cluster,
+        "db",
+        "mongo",
+        {"snaphook.io/blueprint": "mongodb-kube", "snaphook.io/param.credentials": "mongo-creds"},
+    )
+    h = await dispatcher(harness, kube_cluster)
+    cluster.fail("get", "secrets", 503, times=1)
+    pre = await decide(h, "backup.pre", "db/StatefulSet/mongo", backup_id="b1")
+    assert pre["allowed"] is True, pre
+    lock = next(s for s in pre["steps"] if s["name"] == "lock")
+    assert (lock["status"], lock["attempts"]) == ("succeeded", 2)
+    assert mongo.locked and mongo.users == [("backup-op", password)]
+
+
 async def test_secret_outside_the_allow_list_fails_the_step_clearly(
     kube_cluster: RunningCluster, harness: HarnessFactory
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 from dispatcher.kube import KubeAccess
 from dispatcher.kube_secrets import ChainSecretResolver, KubeSecretResolver
 from dispatcher.redaction import MASK, redactor
-from dispatcher.secrets import EnvSecretResolver, SecretNotFoundError
+from dispatcher.secrets import EnvSecretResolver, SecretNotFoundError, SecretUnavailableError
 from tests.kube_fake import FakeCluster, RunningCluster
 from tests.secrets_registry import test_secret
 
@@ -192,7 +192,10 @@ async def test_an_outage_uses_the_value_read_before_for_a_while(
     cluster.fail("get", "secrets", 503, times=100)
     clock.now += 300.0  # past the TTL, within stale_for: the API server is asked, fails
     assert (await resolve.get("creds", "pw", namespace="db")).get_secret_value() == value
-    clock.now += 400.0  # too old to stand in
-    message = await missing(resolve, "creds", "pw")
+    clock.now += 400.0  # too old to stand in: an outage, which the step's retry may outlast
+    with pytest.raises(SecretUnavailableError) as caught:
+        await resolve.get("creds", "pw", namespace="db")
+    message = str(caught.value)
+    assert caught.value.retryable
     assert message.startswith("Kubernetes Secret db/creds: ") and "503" in message
     assert len(cluster.requests_to(verb="get", resource="secrets")) == 3

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import os
 from collections.abc import Mapping
@@ -107,8 +108,7 @@ class LambdaAdapter:
         headers = _proxy_headers(event)
         try:
             check_token(self._token, headers.get("authorization"))
-            body = event.get("body") or ""
-            raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
+            raw = _proxy_body(event)
             parsed = parse_request(
                 [(name.encode(), value.encode()) for name, value in headers.items()],
                 raw,
@@ -175,6 +175,25 @@ def _proxy_headers(event: Mapping[str, Any]) -> dict[str, str]:
         if values and str(name).lower() not in headers:
             headers[str(name).lower()] = str(values[-1])
     return headers
+
+
+def _proxy_body(event: Mapping[str, Any]) -> bytes:
+    """The request body a proxy event carries (text, or base64 when it says so)."""
+    body = event.get("body") or ""
+    if not isinstance(body, str):
+        raise EventError(400, "Malformed event", "the request body must be a string", field="body")
+    try:
+        if event.get("isBase64Encoded"):
+            return base64.b64decode(body, validate=True)
+        return body.encode()
+    except binascii.Error:
+        raise EventError(
+            400, "Malformed event", "isBase64Encoded, but the body is not base64", field="body"
+        ) from None
+    except UnicodeEncodeError:
+        raise EventError(
+            400, "Malformed event", "the request body is not valid UTF-8 text", field="body"
+        ) from None
 
 
 def _path_function(event: Mapping[str, Any]) -> str | None:

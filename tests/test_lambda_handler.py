@@ -135,6 +135,25 @@ def test_bad_events_are_answered_with_a_problem_not_an_exception(adapter: Lambda
     assert "not valid JSON" in json.loads(response["body"])["detail"]
 
 
+@pytest.mark.parametrize(
+    ("body", "encoded", "detail"),
+    [
+        ("not base64!", True, "base64"),
+        ({"a": 1}, False, "body"),
+        ("\udcff", False, "UTF-8"),
+    ],
+)
+def test_an_undecodable_proxy_body_is_a_400_problem(
+    adapter: LambdaAdapter, body: Any, encoded: bool, detail: str
+) -> None:
+    # A 5xx (or a Lambda error) would tell API Gateway and the caller to retry forever.
+    proxy = recorded("function_url_binary")
+    proxy["body"], proxy["isBase64Encoded"] = body, encoded
+    response = adapter(proxy, LambdaContext())
+    assert response["statusCode"] == 400, response
+    assert detail in json.loads(response["body"])["detail"]
+
+
 def test_lambdas_deadline_caps_the_function_timeout(
     adapter: LambdaAdapter, recorder: Recorder
 ) -> None:

@@ -35,6 +35,8 @@ from redis.asyncio import Redis
 
 from dispatcher.app import open_backend
 from dispatcher.errors import JournalError
+from dispatcher.events import hook_event_from
+from dispatcher.run_owners import RunOwners
 from dispatcher.runner import Runner
 from dispatcher.settings import Settings
 from tests.conftest import Harness, HarnessFactory, event_json
@@ -277,8 +279,9 @@ async def test_decision_timeout_on_one_replica_stops_the_run_on_another(
 async def test_event_sent_again_after_the_dedup_window_runs_once(
     replica: Replicas, nats_node: NatsCluster, prefix: str
 ) -> None:
-    a = await replica(nats_dedup_window=1)
-    b = await replica(nats_dedup_window=1)
+    # The 2 s step also outlasts ack_wait (1 s): heartbeats keep the run where it is.
+    a = await replica(nats_dedup_window=1, nats_ack_wait=1)
+    b = await replica(nats_dedup_window=1, nats_ack_wait=1)
     event_id = uuid.uuid4().hex
     first = await a.emit(subject="slow/Deployment/db", event_id=event_id)
     run_id = first["run_id"]
@@ -301,6 +304,49 @@ async def test_event_sent_again_after_the_dedup_window_runs_once(
     await until(drained, "the run queue is empty")
     run = await run_of(b, run_id)
     assert step(run, "slow")["attempts"] == 1, run
+    # Neither message was ever redelivered: no replica lost its heartbeats.
+    nc = await nats.connect(nats_node.url)
+    try:
+        consumer = await nc.jetstream().consumer_info(f"{prefix}_EVENTS", f"{prefix}_runners")
+    finally:
+        await nc.close()
+    assert consumer.num_redelivered == 0
+    assert consumer.delivered.stream_seq == 2
+
+
+async def test_a_run_owned_by_a_live_replica_waits_and_is_taken_once_its_owner_is_gone(
+    replica: Replicas, nats_node: NatsCluster, prefix: str
+) -> None:
+    """The message of a run reaches a replica while another still owns the run (it was cut
+    off from the queue, not from the owners bucket): the replica holds the message and
+    executes nothing until the owner record expires."""
+    b = await replica(nats_ack_wait=1)
+    event = event_json(subject="decide/Deployment/db")
+    hook = hook_event_from({k: v for k, v in event.items() if k != "data"}, event["data"])
+    _, run, steps = await b.state.dispatcher.bind(hook)
+    stored, created = await b.state.journal.accept(run, steps)
+    assert created
+    nc = await nats.connect(nats_node.url)
+    try:
+        js = nc.jetstream()
+        elsewhere = await RunOwners.open(js, f"{prefix}_OWNERS", ttl=1, replicas=1)
+        seq = (await stream_state(nats_node.url, prefix))[1] + 1  # the message about to be
+        owner, _ = await elsewhere.take(run.run_id, seq)
+        assert owner is not None
+        await b.state.dispatcher.queue.enqueue(stored, steps, created=True)
+        # The owner lives on (refreshing its record) for 2 s: B must not touch the run.
+        for _ in range(8):
+            await asyncio.sleep(0.25)
+            assert await elsewhere.refresh(owner) is True
+            assert (await run_of(b, run.run_id))["status"] == "accepted"
+        # The owner dies: its record expires within the TTL and B takes the run.
+        final = await b.state.runner.wait_final(run.run_id, 10)
+        assert final is not None and final.status.value == "succeeded", final
+        assert b.recorder.effects[f"{run.run_id}/check"] == 1
+        consumer = await js.consumer_info(f"{prefix}_EVENTS", f"{prefix}_runners")
+        assert consumer.num_redelivered == 0  # B held the message all along
+    finally:
+        await nc.close()
 
 
 async def test_expired_lease_is_released_once_while_three_reapers_race(

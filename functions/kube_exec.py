@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import aiohttp
@@ -113,14 +114,22 @@ async def kube_exec(ctx: Context, p: ExecParams) -> ExecOutputs:
     """Run a command in a pod (by name or label selector), or in all matching pods."""
     namespace = target_namespace(ctx, p.namespace)
     pods = await _choose_pods(ctx, namespace, p)
-    seconds = _time_allowed(ctx, p.timeout)
+    # One end for all pods: with more pods than ``concurrency`` the last ones start late,
+    # and must not run past the step's timeout (a bare timeout instead of this error).
+    end = time.monotonic() + _time_allowed(ctx, None)
     ws_api = await ws_client(ctx.kube)
     ctx.logger.info("kube.exec in %d pod(s) of namespace %s", len(pods), namespace)
     gate = asyncio.Semaphore(p.concurrency)
 
     async def one(pod: V1Pod) -> PodExec:
         async with gate:
-            return await _exec_in(ws_api, namespace, pod, p, seconds)
+            left = end - time.monotonic()
+            if left <= 0:
+                raise RetryableError(
+                    f"Pod {namespace}/{pod.metadata.name}: no time left to exec before the "
+                    "step's timeout (the other pods took it; raise concurrency or the timeout)"
+                )
+            return await _exec_in(ws_api, namespace, pod, p, min(p.timeout or math.inf, left))
 
     results = await asyncio.gather(*(one(pod) for pod in pods), return_exceptions=True)
     done = _successes_or_raise(results, len(pods))

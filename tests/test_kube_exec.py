@@ -170,6 +170,20 @@ async def test_all_runs_in_every_matching_pod_concurrently(
     assert out["pod"] is None and out["stdout"] is None
 
 
+async def test_all_pods_share_the_steps_time(kube_call: Any, cluster: FakeCluster) -> None:
+    """A pod waiting for its turn (concurrency) gets what is left, not a fresh timeout."""
+    for name in ("db-0", "db-1"):
+        cluster.add_pod("ns", name, labels={"app": "db"})
+    cluster.on_exec(None, lambda call: asyncio.Event().wait())  # type: ignore[arg-type,return-value]
+    params = {"selector": "app=db", "all": True, "concurrency": 1, "command": ["sync"]}
+    with pytest.raises(RetryableError) as slow:
+        await kube_call(EXEC, params, timeout=0.5)
+    message = str(slow.value)
+    assert "Pod ns/db-0" in message and "did not finish within" in message
+    assert "Pod ns/db-1: no time left to exec before the step's timeout" in message
+    assert [call.pod for call in cluster.execs] == ["db-0"]
+
+
 async def test_all_reports_every_failing_pod(kube_call: Any, cluster: FakeCluster) -> None:
     for name in ("db-0", "db-1", "db-2"):
         cluster.add_pod("ns", name, labels={"app": "db"})

@@ -13,18 +13,20 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field, model_validator
 
-from functions.kube_client import api_client, patch_object
+from functions.kube_client import KINDS, api_client, patch_object
 from functions.kube_params import LabelKey, LabelValue, ObjectParams, object_ref, text_map
 from functions.sdk import Context, KubeRule, function
 
 ANNOTATION_BYTES = 256 * 1024  # the API server's limit for all annotations of an object
 
 # The kinds kube.annotate can address (see kube_client.KINDS); each needs patch on its own.
+# Every kind but Secret: patch on secrets would let snaphook rewrite any Secret's data.
+ANNOTATABLE = tuple(info.kind for info in KINDS if info.kind != "Secret")
 RBAC = (
     KubeRule(("apps",), ("deployments", "statefulsets", "daemonsets", "replicasets"), ("patch",)),
     KubeRule(
         ("",),
-        ("pods", "services", "configmaps", "secrets", "persistentvolumeclaims", "namespaces"),
+        ("pods", "services", "configmaps", "persistentvolumeclaims", "namespaces"),
         ("patch",),
     ),
     KubeRule(("batch",), ("jobs", "cronjobs"), ("patch",)),
@@ -61,7 +63,7 @@ class AnnotateResult(BaseModel):
 @function("kube.annotate", rbac=RBAC)
 async def annotate(ctx: Context, p: AnnotateParams) -> AnnotateResult:
     """Set (or with ``null`` remove) annotations and labels on the target or a named object."""
-    ref = object_ref(ctx, p, what="kube.annotate", cluster_scoped=True)
+    ref = object_ref(ctx, p, what="kube.annotate", allowed=ANNOTATABLE, cluster_scoped=True)
     metadata: dict[str, Any] = {}
     if p.annotations:
         metadata["annotations"] = p.annotations

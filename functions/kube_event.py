@@ -33,12 +33,25 @@ CONTROLLER = "snaphook.io/snaphook"
 MESSAGE_BYTES = 1024  # events.k8s.io's limit for a note; core Events are cut alike
 
 # Reading the object (its uid) needs get on its kind; recording needs create on events.
+# Not Secrets or ConfigMaps: get on them would let snaphook read every one's data.
 RBAC = (
     KubeRule(("",), ("events",), ("create",)),
     KubeRule(("events.k8s.io",), ("events",), ("create",)),
     KubeRule(("apps",), ("deployments", "statefulsets", "daemonsets", "replicasets"), ("get",)),
     KubeRule(("",), ("pods", "services", "persistentvolumeclaims"), ("get",)),
     KubeRule(("batch",), ("jobs", "cronjobs"), ("get",)),
+)
+# The kinds an Event may be about: those RBAC lets it read.
+EVENT_KINDS = (
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "ReplicaSet",
+    "Pod",
+    "Service",
+    "PersistentVolumeClaim",
+    "Job",
+    "CronJob",
 )
 
 
@@ -154,7 +167,7 @@ def _body(ctx: Context, p: EventParams, ref: ObjectRef, obj: dict[str, Any]) -> 
 @function("kube.event", rbac=RBAC)
 async def event(ctx: Context, p: EventParams) -> EventResult:
     """Record a Kubernetes Event (``reason``, ``message``, ``type``) on the target object."""
-    ref = object_ref(ctx, p, what="kube.event")
+    ref = object_ref(ctx, p, what="kube.event", allowed=EVENT_KINDS)
     api = await api_client(ctx.kube)
     obj = await read_object(api, ref)
     body = _body(ctx, p, ref, obj)

@@ -137,7 +137,12 @@ def _check_kind(
 ) -> None:
     if allowed is not None and kind.kind not in allowed:
         raise PermanentError(
-            f"{what} works on {' and '.join(allowed)} objects, not {kind.kind}; give kind and name"
+            f"{what} works on {_either(allowed)} objects, not {kind.kind}; give kind and name"
         )
     if not kind.namespaced and not cluster_scoped:
         raise PermanentError(f"{what} works on namespaced objects, not {kind.kind}")
+
+
+def _either(kinds: tuple[str, ...]) -> str:
+    """``A and B``, ``A, B and C``: the kinds a function works on, as a message names them."""
+    return kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"

@@ -87,6 +87,32 @@ async def test_bad_params_and_targets_are_named(
         await call_kube(kube, "kube.annotate", params)
 
 
+async def test_never_patches_secrets(kube: RunningCluster) -> None:
+    # patch on secrets would let snaphook rewrite every Secret's data: not granted.
+    kube.cluster.add(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": "ns"}}
+    )
+    params = {"annotations": {"a": "1"}, "kind": "Secret", "name": "s"}
+    with pytest.raises(PermanentError, match=r"kube\.annotate works on Deployment, .* not Secret"):
+        await call_kube(kube, "kube.annotate", params)
+    assert not kube.cluster.requests_to(resource="secrets")
+
+
+def test_patches_only_kinds_its_rbac_grants_patch_on() -> None:
+    from functions.kube_annotate import ANNOTATABLE, RBAC
+    from functions.kube_client import kind_info
+
+    granted = {
+        (g, r)
+        for rule in RBAC
+        if "patch" in rule.verbs
+        for g in rule.api_groups
+        for r in rule.resources
+    }
+    assert {(kind_info(k).group, kind_info(k).plural) for k in ANNOTATABLE} == granted
+    assert ("", "secrets") not in granted
+
+
 async def test_forbidden(kube: RunningCluster) -> None:
     kube.cluster.deny("patch", "deployments")
     with pytest.raises(PermanentError, match="Deployment ns/app: forbidden by Kubernetes RBAC"):

@@ -111,7 +111,7 @@ async def test_long_messages_are_cut(kube: RunningCluster) -> None:
         ({"reason": "R", "message": "m", "type": "Error"}, "type: Input should be 'Normal'"),
         ({"reason": "R", "message": ""}, "message: String should have at least 1 character"),
         ({"reason": "R", "message": "m", "name": "gone"}, "Deployment ns/gone not found"),
-        ({"reason": "R", "message": "m", "kind": "Namespace", "name": "ns"}, "namespaced"),
+        ({"reason": "R", "message": "m", "kind": "Namespace", "name": "ns"}, "not Namespace"),
     ],
 )
 async def test_bad_params_and_targets_are_named(
@@ -120,6 +120,31 @@ async def test_bad_params_and_targets_are_named(
     with pytest.raises(PermanentError, match=re.escape(problem)):
         await call_kube(kube, "kube.event", params)
     assert not kube.cluster.items("events", "ns")
+
+
+@pytest.mark.parametrize("kind", ["Secret", "ConfigMap"])
+async def test_never_reads_secrets_or_configmaps(kube: RunningCluster, kind: str) -> None:
+    # Reading one for its uid would need get on every Secret (ConfigMap): not granted.
+    kube.cluster.add(
+        {"apiVersion": "v1", "kind": kind, "metadata": {"name": "c", "namespace": "ns"}}
+    )
+    with pytest.raises(PermanentError, match=rf"kube\.event works on Deployment, .* not {kind}"):
+        await call_kube(kube, "kube.event", {**DONE, "kind": kind, "name": "c"})
+    assert not kube.cluster.requests_to(resource=f"{kind.lower()}s")
+
+
+def test_reads_only_kinds_its_rbac_grants_get_on() -> None:
+    from functions.kube_client import kind_info
+    from functions.kube_event import EVENT_KINDS, RBAC
+
+    granted = {
+        (g, r)
+        for rule in RBAC
+        if "get" in rule.verbs
+        for g in rule.api_groups
+        for r in rule.resources
+    }
+    assert {(kind_info(k).group, kind_info(k).plural) for k in EVENT_KINDS} == granted
 
 
 async def test_forbidden(kube: RunningCluster) -> None:

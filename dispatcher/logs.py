@@ -111,4 +111,7 @@ def configure_logging(
     root.setLevel(level.upper())
     # aiohttp's access log duplicates our own lines; keep only its warnings.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # kubernetes_asyncio logs every API response body at debug: Secret data, pod logs and
+    # env values the redactor has never seen. Never, whatever the level.
+    logging.getLogger("kubernetes_asyncio.client.rest").setLevel(logging.INFO)
     return stop

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 
 import pytest
 from kubernetes_asyncio import client
 
+from dispatcher.logs import configure_logging
 from functions.kube_client import (
     Conflict,
     ObjectRef,
@@ -133,3 +136,30 @@ def test_targets_resolve_to_their_api() -> None:
         data={"target": {"namespace": "db", "kind": "Deployment", "name": "web"}},
     )
     assert str(event_target(event)) == "Deployment db/web"
+
+
+async def test_debug_logging_shows_no_api_response_bodies(kube_cluster: RunningCluster) -> None:
+    # kubernetes_asyncio logs every response body at debug: Secret data, pod logs, env.
+    marker = "s3cr3t-in-a-configmap"
+    kube_cluster.cluster.add(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "app", "namespace": "default"},
+            "data": {"password": marker},
+        }
+    )
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    out = io.StringIO()
+    configure_logging("debug", stream=out)
+    try:
+        api = await api_client(kube_cluster.kube_config)
+        ref = ObjectRef("default", kind_info("ConfigMap"), "app")
+        assert (await read_object(api, ref))["data"] == {"password": marker}
+        logging.getLogger("snaphook.test").debug("debug lines are written")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert "debug lines are written" in out.getvalue()
+    assert marker not in out.getvalue()

@@ -13,6 +13,7 @@ server answered with, ``None`` when it could not be reached.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     # Imported where used otherwise: kubernetes_asyncio takes ~0.4 s to import, which every
     # `snaphook` command would pay although most deployments never talk to the API.
     from kubernetes_asyncio import client
+    from kubernetes_asyncio.config.kube_config import KubeConfigLoader
 
     from dispatcher.settings import Settings
 
@@ -117,12 +119,13 @@ async def api_client(
     configuration = client.Configuration()
     try:
         if kubeconfig is not None:
-            await config.load_kube_config(
+            loader = await config.load_kube_config(
                 config_file=str(kubeconfig),
                 context=context,
                 client_configuration=configuration,
                 persist_config=False,  # never write back to the operator's file
             )
+            _renew_exec_credentials(loader, configuration)
         else:
             # The loader is untyped in kubernetes_asyncio; it fills ``configuration``.
             config.load_incluster_config(  # type: ignore[no-untyped-call]
@@ -132,6 +135,24 @@ async def api_client(
         hint = "" if kubeconfig is not None else " (not in a cluster? set kubeconfig)"
         raise ConfigError(f"{what}: cannot configure Kubernetes access: {exc}{hint}") from None
     return client.ApiClient(configuration)
+
+
+def _renew_exec_credentials(loader: KubeConfigLoader, configuration: client.Configuration) -> None:
+    """Keep a kubeconfig's exec-plugin token fresh (EKS and GKE ones last minutes to an
+    hour; kubernetes_asyncio fetches one when loading and never again). Before each request
+    the client calls this hook; the loader asks the plugin again only once the token it
+    gave has expired. A plugin that gives no expiry is asked once, as before. (The same as
+    functions.kube_client's, which the dispatcher may not import.)"""
+    if not hasattr(loader, "exec_plugin_expiry"):
+        return
+    lock = asyncio.Lock()  # concurrent requests on an expired token run the plugin once
+
+    async def renew(configuration: client.Configuration) -> None:
+        async with lock:
+            await loader.load_from_exec_plugin()
+        configuration.api_key["BearerToken"] = loader.token
+
+    configuration.refresh_api_key_hook = renew
 
 
 class KubeAccess:

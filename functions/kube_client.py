@@ -32,6 +32,7 @@ from functions.sdk import EventInfo, FunctionError, KubeConfig, PermanentError, 
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient, Configuration
+    from kubernetes_asyncio.config.kube_config import KubeConfigLoader
     from kubernetes_asyncio.stream import WsApiClient
 
 __all__ = [
@@ -106,12 +107,13 @@ async def _configuration(kube: KubeConfig) -> Configuration:
     configuration = client.Configuration()
     try:
         if kube.kubeconfig is not None:
-            await config.load_kube_config(
+            loader = await config.load_kube_config(
                 config_file=kube.kubeconfig,
                 context=kube.context,
                 client_configuration=configuration,
                 persist_config=False,  # never write back to the operator's file
             )
+            _renew_exec_credentials(loader, configuration)
         else:
             config.load_incluster_config(  # type: ignore[no-untyped-call]
                 client_configuration=configuration
@@ -119,6 +121,23 @@ async def _configuration(kube: KubeConfig) -> Configuration:
     except (config.ConfigException, OSError) as exc:
         raise PermanentError(f"cannot configure Kubernetes access: {exc}") from None
     return configuration
+
+
+def _renew_exec_credentials(loader: KubeConfigLoader, configuration: Configuration) -> None:
+    """Keep a kubeconfig's exec-plugin token fresh (EKS and GKE ones last minutes to an
+    hour; kubernetes_asyncio fetches one when loading and never again). Before each request
+    the client calls this hook; the loader asks the plugin again only once the token it
+    gave has expired. A plugin that gives no expiry is asked once, as before."""
+    if not hasattr(loader, "exec_plugin_expiry"):
+        return
+    lock = asyncio.Lock()  # concurrent requests on an expired token run the plugin once
+
+    async def renew(configuration: Configuration) -> None:
+        async with lock:
+            await loader.load_from_exec_plugin()
+        configuration.api_key["BearerToken"] = loader.token
+
+    configuration.refresh_api_key_hook = renew
 
 
 async def _client(kube: KubeConfig, websocket: bool) -> ApiClient:

@@ -363,6 +363,35 @@ def write_kubeconfig(path: Path, server: str, token: str) -> Path:
     return path
 
 
+def write_exec_kubeconfig(path: Path, server: str, token_file: Path) -> Path:
+    """A kubeconfig whose user is an exec credential plugin (as for EKS or GKE) handing
+    out the token in ``token_file``, with an expiry already past: every request that checks
+    the expiry asks the plugin again, so a token rotated in the file is picked up."""
+    plugin = path.with_suffix(".plugin.sh")
+    credential = (
+        '{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", '
+        '"status": {"token": "%s", "expirationTimestamp": "2000-01-01T00:00:00Z"}}'
+    )
+    plugin.write_text(f"printf '{credential}' \"$(cat '{token_file}')\"\n", encoding="utf-8")
+    user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": "/bin/sh",
+            "args": [str(plugin)],
+        }
+    }
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "users": [{"name": "plugin", "user": user}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "plugin"}}],
+        "current-context": "fake",
+    }
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 async def kube_cluster(tmp_path: Path) -> AsyncIterator[RunningCluster]:
     """A fresh fake Kubernetes API server per test (namespace ``default`` exists)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from pathlib import Path
 
 import pytest
 from kubernetes_asyncio import client
@@ -24,7 +25,7 @@ from functions.kube_client import (
     ws_client,
 )
 from functions.sdk import EventInfo, KubeConfig, PermanentError, RetryableError
-from tests.kube_fake import RunningCluster
+from tests.kube_fake import RunningCluster, write_exec_kubeconfig
 
 
 async def test_one_client_per_loop_and_config(kube_cluster: RunningCluster) -> None:
@@ -163,3 +164,23 @@ async def test_debug_logging_shows_no_api_response_bodies(kube_cluster: RunningC
         root.setLevel(level)
     assert "debug lines are written" in out.getvalue()
     assert marker not in out.getvalue()
+
+
+async def test_an_expiring_exec_plugin_token_is_renewed(
+    kube_cluster: RunningCluster, tmp_path: Path
+) -> None:
+    """Out of the cluster, kubeconfigs for EKS/GKE get short-lived tokens from an exec
+    plugin: a long-running process must ask again once the token expired."""
+    cluster = kube_cluster.cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.token)
+    path = write_exec_kubeconfig(tmp_path / "kubeconfig", kube_cluster.url, token_file)
+    kube = KubeConfig(kubeconfig=str(path), context="fake")
+    ref = ObjectRef("default", kind_info("Namespace"), "default")
+    api = await api_client(kube)
+    assert (await read_object(api, ref))["metadata"]["name"] == "default"
+
+    cluster.token = "rotated-" + cluster.token  # the old token expired; the plugin has a new one
+    token_file.write_text(cluster.token)
+    assert await api_client(kube) is api  # still the cached client, with a fresh token
+    assert (await read_object(api, ref))["metadata"]["name"] == "default"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from dispatcher.kube import KubeAccess
 from dispatcher.kube_secrets import ChainSecretResolver, KubeSecretResolver
 from dispatcher.redaction import MASK, redactor
 from dispatcher.secrets import EnvSecretResolver, SecretNotFoundError, SecretUnavailableError
-from tests.kube_fake import FakeCluster, RunningCluster
+from tests.kube_fake import FakeCluster, RunningCluster, write_exec_kubeconfig
 from tests.secrets_registry import test_secret
 
 
@@ -199,3 +200,29 @@ async def test_an_outage_uses_the_value_read_before_for_a_while(
     assert caught.value.retryable
     assert message.startswith("Kubernetes Secret db/creds: ") and "503" in message
     assert len(cluster.requests_to(verb="get", resource="secrets")) == 3
+
+
+async def test_an_expiring_exec_plugin_token_is_renewed(
+    kube_cluster: RunningCluster, tmp_path: Path
+) -> None:
+    """A dispatcher outside the cluster (kubeconfig with an EKS/GKE-style exec plugin) keeps
+    reading Secrets after its short-lived token expired and the plugin hands out another."""
+    cluster = kube_cluster.cluster
+    value = test_secret("exec-plugin secret")
+    add_secret(cluster, "db", "creds", {"password": value})
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.token)
+    kubeconfig = write_exec_kubeconfig(tmp_path / "kubeconfig", kube_cluster.url, token_file)
+    access = KubeAccess(kubeconfig, "fake")
+    await access.connect()
+    clock = Clock()
+    try:
+        secrets = KubeSecretResolver(access, ["creds"], ttl=10.0, clock=clock)
+        assert (await secrets.get("creds", "password", namespace="db")).get_secret_value() == value
+
+        cluster.token = "rotated-" + cluster.token
+        token_file.write_text(cluster.token)
+        clock.now += 11.0  # past the cache's TTL: read again, with the new token
+        assert (await secrets.get("creds", "password", namespace="db")).get_secret_value() == value
+    finally:
+        await access.close()

@@ -43,6 +43,7 @@ from multidict import MultiDict
 from functions.sdk import KubeConfig
 from tests import kube_fake_controllers as controllers
 from tests.kube_fake_controllers import JobScript, Rollout
+from tests.kube_fake_exec import PROTOCOLS as EXEC_PROTOCOLS
 from tests.kube_fake_exec import ExecCall, ExecHandler, ExecResult
 from tests.kube_fake_patch import merge_patch
 from tests.kube_fake_resources import (
@@ -117,6 +118,9 @@ class FakeCluster(Store):
         self.job_scripts: list[tuple[str, JobScript | Callable[[dict[str, Any]], JobScript]]] = []
         self.rollouts: dict[tuple[str, str], Rollout] = {}
         self._logs: dict[tuple[str, str, str], str] = {}
+        # The exec subprotocols served, preferred first; drop v5 for a server before
+        # Kubernetes 1.30, which cannot be told that stdin ended.
+        self.exec_protocols: tuple[str, ...] = EXEC_PROTOCOLS
 
     # --- scripting: what tests set up -----------------------------------------------
 

@@ -63,12 +63,26 @@ class ExecCall:
     stdin_data: bytearray = field(default_factory=bytearray)
     outcome: str = "running"  # completed, disconnected (the client went away first)
     stdin_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    stdin_more: asyncio.Event = field(default_factory=asyncio.Event)
+    stdin_read: int = 0  # bytes of stdin_data read_line() handed out
     ws: web.WebSocketResponse | None = None
 
     async def read_stdin(self) -> bytes:
         """Everything sent on stdin, once the client closed it (v5) or went away."""
         await self.stdin_closed.wait()
         return bytes(self.stdin_data)
+
+    async def read_line(self) -> bytes:
+        """The next line on stdin as a process reading its pipe line by line gets it: once
+        its newline arrived, or what is left once stdin is closed; ``b""`` at the end."""
+        while True:
+            newline = self.stdin_data.find(b"\n", self.stdin_read)
+            if newline >= 0 or self.stdin_closed.is_set():
+                end = newline + 1 if newline >= 0 else len(self.stdin_data)
+                line, self.stdin_read = bytes(self.stdin_data[self.stdin_read : end]), end
+                return line
+            self.stdin_more.clear()
+            await self.stdin_more.wait()
 
     async def write(self, channel: int, data: bytes | str) -> None:
         """Stream output now, before the command ends."""
@@ -121,7 +135,7 @@ async def serve_exec(
         raise bad_request(
             f"cannot exec into a container in a completed pod; current phase is {phase}"
         )
-    ws = web.WebSocketResponse(protocols=PROTOCOLS)
+    ws = web.WebSocketResponse(protocols=cluster.exec_protocols)
     if not ws.can_prepare(request).ok:
         raise bad_request("Upgrade request required")
     await ws.prepare(request)
@@ -187,11 +201,14 @@ async def _read_client(ws: web.WebSocketResponse, call: ExecCall) -> None:
             channel, data = msg.data[0], msg.data[1:]
             if channel == STDIN and call.stdin:
                 call.stdin_data.extend(data)
+                call.stdin_more.set()
             elif channel == CLOSE and call.protocol.startswith("v5") and data[:1] == b"\x00":
                 call.stdin_closed.set()
+                call.stdin_more.set()
             # Frames for other channels are ignored, as the API server does.
     finally:
         call.stdin_closed.set()
+        call.stdin_more.set()
 
 
 async def _send(ws: web.WebSocketResponse, channel: int, data: bytes | str) -> None:

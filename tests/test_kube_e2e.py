@@ -50,23 +50,30 @@ class FakeMongo:
     users: list[tuple[str, str]] = field(default_factory=list)
 
     async def __call__(self, call: ExecCall) -> ExecResult:
+        """mongosh reading its script from a pipe: each line runs once its newline arrived
+        (or stdin ended); ``quit(n)`` exits with ``n``, the end of stdin with 0."""
         if call.container != "mongod" or call.command != ["mongosh", "--quiet", "--norc"]:
             return ExecResult(stderr="unexpected exec", exit_code=127)
-        script = (await call.read_stdin()).decode()
-        self.scripts.append(script)
-        auth = re.search(r"\.auth\(\s*(\"[^\"]*\"),\s*(\"[^\"]*\")\s*\)", script)
-        if auth:
-            self.users.append((json.loads(auth.group(1)), json.loads(auth.group(2))))
-        if "db.fsyncLock()" in script:
-            self.lock_count += 1
-            if self.fail_lock:
-                return ExecResult(stderr="MongoServerError: interrupted\n", exit_code=1)
-            reply = {"info": "now locked against writes", "lockCount": self.lock_count, "ok": 1}
-            return ExecResult(stdout=json.dumps(reply) + "\n")
-        if "db.fsyncUnlock()" in script:
-            self.lock_count = 0  # the script unlocks until lockCount is 0
-            return ExecResult(stdout="unlocked\n")
-        return ExecResult(stderr="SyntaxError", exit_code=1)
+        printed = ""
+        while script := (await call.read_line()).decode():
+            self.scripts.append(script)
+            auth = re.search(r"\.auth\(\s*(\"[^\"]*\"),\s*(\"[^\"]*\")\s*\)", script)
+            if auth:
+                self.users.append((json.loads(auth.group(1)), json.loads(auth.group(2))))
+            if "db.fsyncLock()" in script:
+                self.lock_count += 1
+                if self.fail_lock:  # the script's catch: print(e); quit(1)
+                    return ExecResult(stderr="MongoServerError: interrupted\n", exit_code=1)
+                reply = {"info": "now locked", "lockCount": self.lock_count, "ok": 1}
+                printed += json.dumps(reply) + "\n"
+            elif "db.fsyncUnlock()" in script:
+                self.lock_count = 0  # the script unlocks until lockCount is 0
+                printed += "unlocked\n"
+            elif script.strip():
+                return ExecResult(stderr="SyntaxError", exit_code=1)
+            if "quit(0)" in script:
+                break
+        return ExecResult(stdout=printed)
 
     @property
     def locked(self) -> bool:
@@ -197,6 +204,24 @@ async def test_a_failed_lock_is_unlocked_at_once(
     assert not mongo.locked  # the lease's release ran the unlock in the pod
     (failed,) = events_on(cluster, "db", "StatefulSet", "mongo")
     assert (failed["reason"], failed["type"]) == ("MongoFsyncLockFailed", "Warning")
+
+
+async def test_an_api_server_before_kubernetes_1_30_is_locked_and_unlocked_too(
+    kube_cluster: RunningCluster, harness: HarnessFactory
+) -> None:
+    """v4.channel.k8s.io cannot say that stdin ended: the scripts must end by themselves."""
+    cluster = kube_cluster.cluster
+    cluster.exec_protocols = ("v4.channel.k8s.io", "channel.k8s.io")
+    mongo = mongo_statefulset(cluster, "db", "mongo", {"snaphook.io/blueprint": "mongodb-kube"})
+    h = await dispatcher(harness, kube_cluster)
+
+    pre = await decide(h, "backup.pre", "db/StatefulSet/mongo", backup_id="b1")
+    assert pre["allowed"] is True, pre
+    assert mongo.locked
+    assert {c.protocol for c in cluster.execs} == {"v4.channel.k8s.io"}
+    post = await decide(h, "backup.post", "db/StatefulSet/mongo", backup_id="b1")
+    assert post["allowed"] is True, post
+    assert not mongo.locked
 
 
 async def test_namespace_annotation_binds_its_statefulsets(

@@ -190,8 +190,18 @@ class AnnotationIndex:
                     delay,
                     extra={"status": exc.status, "reason": exc.reason},
                 )
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, 30.0)
+            except Exception:
+                # A bug, or an answer no API server should give (an event line over the
+                # client's limit): a dead watch would leave the index answering stale, as
+                # if synced, until a restart. Count it as broken and list again.
+                self._broken()
+                log.exception(
+                    "watch of %s stopped unexpectedly, listing again in %gs",
+                    self.resource.plural,
+                    delay,
+                )
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, 30.0)
 
     def _broken(self) -> None:
         if self._broken_since is None:

@@ -451,3 +451,18 @@ async def test_expired_watch_lists_again(kube_cluster: RunningCluster, resolver:
     await _until(resolve, "db/StatefulSet/mongo", "generic")
     # Renewing the watch from its old resourceVersion got 410 Gone: listed again.
     assert len(cluster.requests_to(verb="list", resource="statefulsets")) == 2
+
+
+async def test_a_watch_that_breaks_unexpectedly_lists_again(
+    kube_cluster: RunningCluster, resolver: Factory
+) -> None:
+    """Whatever ends a watch, the index lists again rather than answer stale forever."""
+    cluster = kube_cluster.cluster
+    statefulset(cluster, {"snaphook.io/blueprint": "mongo"})
+    resolve = resolver()
+    await resolve.warm()
+    # A watch event longer than the client reads as one line (a 5 MB annotation: etcd's
+    # default request limit keeps real objects smaller, but nothing may stop the watch).
+    cluster.add_workload("StatefulSet", "db", "huge", annotations={"big": "x" * 5_000_000})
+    _annotate(cluster, "db", "mongo", {"snaphook.io/blueprint": "generic"})
+    await _until(resolve, "db/StatefulSet/mongo", "generic")

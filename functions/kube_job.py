@@ -19,6 +19,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Literal
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from functions.kube_client import api_client, api_errors
@@ -280,15 +281,17 @@ def _started(pod: client.V1Pod) -> tuple[str, str]:
 async def _pod_logs(
     ctx: Context, core: client.CoreV1Api, job: client.V1Job, p: JobParams
 ) -> list[PodLog]:
-    """The log tails of the Job's newest pods, oldest first. A log that cannot be read (the
-    pod never started, or was evicted) is reported empty rather than failing the step."""
-    from kubernetes_asyncio.client.exceptions import ApiException
-
+    """The log tails of the Job's newest pods, oldest first. The Job has finished: pods or
+    logs that cannot be read (the pod never started or was evicted, the API server is busy)
+    cost a warning, never the step, whose retry would run the Job a second time."""
     namespace, name = job.metadata.namespace, job.metadata.name
     # The controller-uid label, not job-name: a Job of the same name from before is not ours.
     selector = f"controller-uid={job.metadata.uid}"
-    with api_errors(f"list the pods of Job {namespace}/{name}"):
+    try:
         listed = await core.list_namespaced_pod(namespace, label_selector=selector)
+    except _request_failures() as exc:
+        ctx.logger.warning("cannot list the pods of Job %s/%s: %s", namespace, name, _reason(exc))
+        return []
     logs = []
     for pod in sorted(listed.items, key=_started)[-MAX_LOGGED_PODS:]:
         entry = PodLog(
@@ -301,14 +304,30 @@ async def _pod_logs(
                 text = await core.read_namespaced_pod_log(
                     entry.pod, namespace, container=CONTAINER, tail_lines=p.log_lines
                 )
-            except ApiException as exc:
+            except _request_failures() as exc:
                 ctx.logger.warning(
-                    "cannot read the log of pod %s/%s: %s", namespace, entry.pod, exc.reason
+                    "cannot read the log of pod %s/%s: %s", namespace, entry.pod, _reason(exc)
                 )
             else:
                 entry.logs, entry.truncated = _tail(str(text), p.log_bytes)
         logs.append(entry)
     return logs
+
+
+def _request_failures() -> tuple[type[Exception], ...]:
+    """What reading logs or deleting may fail with: an API answer or a connection error."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    return (ApiException, aiohttp.ClientError, OSError)
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, without the response body or headers an ApiException prints."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}"
+    return type(exc).__name__
 
 
 # --- cleanup ------------------------------------------------------------------------------
@@ -321,12 +340,10 @@ async def _delete(ctx: Context, batch: client.BatchV1Api, namespace: str, name: 
 
     try:
         await batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-    except ApiException as exc:
-        if exc.status == 404:
+    except _request_failures() as exc:
+        if isinstance(exc, ApiException) and exc.status == 404:
             return True
-        ctx.logger.warning(
-            "cannot delete Job %s/%s: %s %s", namespace, name, exc.status, exc.reason
-        )
+        ctx.logger.warning("cannot delete Job %s/%s: %s", namespace, name, _reason(exc))
         return False
     return True
 

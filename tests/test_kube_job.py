@@ -114,6 +114,17 @@ async def test_delete_never_keeps_a_successful_job(kube: RunningCluster) -> None
     assert kube.cluster.get("jobs", "ns", out["job"]) is not None
 
 
+async def test_a_finished_job_whose_logs_cannot_be_read_still_counts(kube: RunningCluster) -> None:
+    """Failing the step after the Job succeeded would run it again on the retry."""
+    kube.cluster.on_job(JobScript(logs="done\n"))
+    kube.cluster.fail("list", "pods", 503)
+    kube.cluster.fail("delete", "jobs", 500)
+    out = await call_kube(kube, "kube.job", {"image": "busybox"})
+    assert out["succeeded"] is True and out["pods"] == [] and out["logs"] == ""
+    assert out["deleted"] is False  # ttlSecondsAfterFinished removes it later
+    assert len(kube.cluster.requests_to(verb="create", resource="jobs")) == 1
+
+
 async def test_a_job_that_does_not_finish_times_out_and_is_removed(kube: RunningCluster) -> None:
     kube.cluster.on_job(JobScript(delay=None))  # runs forever
 

@@ -268,7 +268,9 @@ def rbac(
     settings = load_settings(config, hooks=hooks)
     try:
         registry = load_functions(settings.function_modules)
-        functions = select_functions(settings, registry, function_names)
+        functions = select_functions(
+            settings, registry, function_names, dispatcher=not no_dispatcher
+        )
     except SnaphookError as exc:
         fail(str(exc), 1)
     manifests = rbac_manifests(

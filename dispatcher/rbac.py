@@ -26,8 +26,9 @@ from typing import Any
 import yaml
 
 from dispatcher.blueprint_loader import load_blueprints
-from dispatcher.blueprints import BlueprintSet
+from dispatcher.blueprints import BlueprintSet, InvokeSpec
 from dispatcher.errors import BlueprintError, SnaphookError
+from dispatcher.invokers.routing import Routes
 from dispatcher.kube import NAMESPACES, SECRETS, WORKLOADS, Resource
 from dispatcher.secrets import EnvSecretResolver
 from dispatcher.settings import Settings
@@ -98,16 +99,25 @@ def merge_rules(rules: Iterable[KubeRule | Rule]) -> list[Rule]:
     return sorted(merged, key=lambda r: (r.api_groups, r.resources, r.resource_names, r.verbs))
 
 
-def functions_used(blueprints: BlueprintSet) -> list[str]:
-    """Every function a blueprint step or lease release calls, sorted."""
+def functions_used(blueprints: BlueprintSet, routes: Routes | None = None) -> list[str]:
+    """Every function a blueprint step or lease release calls, sorted; with ``routes``
+    (``remote_functions``), only those that run in this process: not a step's with its own
+    ``invoke`` URL, nor any routed to a function host (whose service account needs the
+    rules instead)."""
+
+    def here(function: str, invoke: InvokeSpec | None = None) -> bool:
+        return routes is None or (invoke is None and routes.url_for(function) is None)
+
     names: set[str] = set()
     for name in blueprints.names():
         blueprint = blueprints.get(name)
         assert blueprint is not None
         for steps in blueprint.spec.actions.values():
             for step in steps:
-                names.add(step.function)
-                if step.lease is not None:
+                if here(step.function, step.invoke):
+                    names.add(step.function)
+                # A release goes through routing only (it has no invoke of its own).
+                if step.lease is not None and here(step.lease.release.function):
                     names.add(step.lease.release.function)
     return sorted(names)
 
@@ -244,14 +254,17 @@ def to_yaml(documents: Sequence[dict[str, Any]]) -> str:
 
 
 def select_functions(
-    settings: Settings, registry: FunctionRegistry, names: str | None
+    settings: Settings, registry: FunctionRegistry, names: str | None, *, dispatcher: bool = True
 ) -> list[FunctionSpec]:
     """``names`` (comma-separated), ``all`` registered functions, or by default every
-    function the blueprints in ``settings.hooks`` call. Unknown names are an error."""
+    function the blueprints in ``settings.hooks`` call: for the ``dispatcher``, only those
+    it runs itself (not on function hosts). Unknown names are an error."""
     if names is None:
         engine = TemplateEngine(EnvSecretResolver())
+        routes = Routes(settings.remote_functions) if dispatcher else None
         try:
-            wanted = functions_used(load_blueprints(settings.hooks, registry, engine=engine))
+            blueprints = load_blueprints(settings.hooks, registry, engine=engine)
+            wanted = functions_used(blueprints, routes)
         except BlueprintError as exc:
             raise SnaphookError(f"cannot load the blueprints (use --functions): {exc}") from None
     elif names.strip() == "all":

@@ -271,6 +271,42 @@ spec:
         select_functions(settings(), functions, "lab.exec, lab.nope")
 
 
+def test_functions_on_function_hosts_are_not_granted_to_the_dispatcher(tmp_path: Path) -> None:
+    # Their rules belong to the host's service account (`snaphook rbac --no-dispatcher`).
+    write_blueprints(
+        tmp_path / "hooks",
+        {
+            "bp": """\
+apiVersion: snaphook.io/v1
+kind: Blueprint
+metadata: {name: bp}
+spec:
+  actions:
+    backup.pre:
+      - name: lock
+        function: lab.exec
+        lease: {ttl: 1m, release: lab.exec2}
+      - name: stop
+        function: lab.scale
+        invoke: {url: "https://functions.example/"}
+    backup.post:
+      - name: again
+        function: lab.exec2
+""",
+        },
+    )
+    functions = registry()
+    hosted = settings(hooks=tmp_path / "hooks", remote_functions={"lab.exec*": "https://h/"})
+    assert select_functions(hosted, functions, None) == []
+    routed = settings(hooks=tmp_path / "hooks", remote_functions={"lab.exec2": "https://h/"})
+    assert [s.name for s in select_functions(routed, functions, None)] == ["lab.exec"]
+    local = settings(hooks=tmp_path / "hooks")
+    assert [s.name for s in select_functions(local, functions, None)] == ["lab.exec", "lab.exec2"]
+    # For a function host's own account (--no-dispatcher): every function the blueprints call.
+    every = select_functions(hosted, functions, None, dispatcher=False)
+    assert [s.name for s in every] == ["lab.exec", "lab.exec2", "lab.scale"]
+
+
 def test_cli_prints_yaml_and_reports_bad_input(tmp_path: Path) -> None:
     config = tmp_path / "snaphook.yaml"
     config.write_text("kube_bindings: true\nkube_binding_kinds: [StatefulSet]\n", encoding="utf-8")

@@ -16,13 +16,13 @@ from typing import Any
 
 from dispatcher.invokers import Invocation, Invoker
 
-__all__ = ["RoutingInvoker"]
+__all__ = ["Routes", "RoutingInvoker"]
 
 
-class RoutingInvoker:
-    def __init__(self, local: Invoker, remote: Invoker, routes: Mapping[str, str]) -> None:
-        self._local = local
-        self._remote = remote
+class Routes:
+    """The ``remote_functions`` setting: function names and patterns → function host URLs."""
+
+    def __init__(self, routes: Mapping[str, str]) -> None:
         self._exact = {name: url for name, url in routes.items() if not _is_pattern(name)}
         # Most specific first: the longest pattern, then alphabetical for a stable order.
         self._patterns = sorted(
@@ -30,14 +30,25 @@ class RoutingInvoker:
             key=lambda item: (-len(item[0]), item[0]),
         )
 
-    def route(self, function: str) -> str | None:
-        """The function host URL for ``function`` from the settings; None = in-process."""
+    def url_for(self, function: str) -> str | None:
+        """The function host URL for ``function``; None = in-process."""
         if function in self._exact:
             return self._exact[function]
         for pattern, url in self._patterns:
             if fnmatch.fnmatchcase(function, pattern):
                 return url
         return None
+
+
+class RoutingInvoker:
+    def __init__(self, local: Invoker, remote: Invoker, routes: Mapping[str, str]) -> None:
+        self._local = local
+        self._remote = remote
+        self._routes = Routes(routes)
+
+    def route(self, function: str) -> str | None:
+        """The function host URL for ``function`` from the settings; None = in-process."""
+        return self._routes.url_for(function)
 
     async def invoke(self, invocation: Invocation) -> dict[str, Any]:
         url = invocation.remote_url or self.route(invocation.function)

@@ -150,13 +150,15 @@ async def harness(tmp_path: Path) -> AsyncIterator[HarnessFactory]:
         await h.client.close()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, *, what: str | None = None
+) -> None:
     """Poll until ``check()`` holds, for state a test cannot wait on otherwise (another
-    process, a server without events)."""
+    process, a server without events). ``what`` names the awaited state in the failure."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not await check():
-        assert loop.time() < deadline, f"{check} did not hold within {timeout:g} s"
+        assert loop.time() < deadline, f"{what or check} did not hold within {timeout:g} s"
         await asyncio.sleep(0.02)
 
 

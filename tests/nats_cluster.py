@@ -9,9 +9,7 @@ for; streams and buckets with three replicas (R3) then survive one node's death.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ import nats
 import nats.errors
 
 from tests.conftest import free_port
+from tests.processes import sigkill, tail
 
 NATS_SERVER = Path(os.environ.get("SNAPHOOK_TEST_NATS_SERVER", "/usr/sbin/nats-server"))
 READY_WITHIN = 20.0
@@ -69,15 +68,11 @@ class NatsNode:
         """SIGKILL, as a node crash."""
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        sigkill(self.proc)
         self.proc = None
 
     def log_tail(self, lines: int = 20) -> str:
-        if not self.log.exists():
-            return "(no log)"
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return tail(self.log, lines)
 
 
 @dataclass

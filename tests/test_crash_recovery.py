@@ -16,14 +16,12 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ import pytest
 import yaml
 
 from tests.conftest import event_json, free_port
+from tests.processes import parse_log_line, sigkill, step_just_started, tail
 
 pytestmark = pytest.mark.slow
 
@@ -87,19 +86,6 @@ BINDINGS = [
     {"blueprint": "frozen", "match": {"namespace": "frz"}},
     {"blueprint": "frozen-only", "match": {"namespace": "frzonly"}},
 ]
-
-
-def parse_log_line(line: str) -> dict[str, Any]:
-    """A JSON log line of the server; ``{}`` for anything else (or a line cut by the kill)."""
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        return {}
-    return entry if isinstance(entry, dict) else {}
-
-
-def log_time(entry: dict[str, Any]) -> float:
-    return datetime.fromisoformat(entry["ts"]).timestamp()
 
 
 @dataclass
@@ -164,16 +150,11 @@ class Server:
         """SIGKILL: no shutdown code runs, exactly like a node or OOM kill."""
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        sigkill(self.proc)
         self.proc = None
 
     def log_tail(self, lines: int = 40) -> str:
-        if not self.logs:
-            return "(no server log)"
-        text = self.logs[-1].read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.logs[-1], lines) if self.logs else "(no server log)"
 
     def log_entries(self, index: int) -> list[dict[str, Any]]:
         """The JSON log lines of the ``index``-th server (a line cut by the kill is dropped)."""
@@ -296,32 +277,13 @@ async def burst_with_kill(
                 enough.set()
 
     async def killer() -> str:
-        # Watch the server's log, not its API: a GET queues behind the burst's journal
-        # writes, while "step started" is logged right after the RUNNING state committed.
         await enough.wait()
-        log, offset = server.logs[-1], 0
-        deadline = time.monotonic() + SETTLE
-        while time.monotonic() < deadline:
-            with log.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            offset += len(complete)
-            for line in complete.decode(errors="replace").splitlines():
-                entry = parse_log_line(line)
-                if (
-                    entry.get("msg") == "step started"
-                    and entry.get("step") == "b"
-                    and entry.get("run_id") in acknowledged
-                    # Started under 0.1 s ago: it sleeps 0.2 s, so it is still running.
-                    and time.time() - log_time(entry) < 0.1
-                ):
-                    server.kill()
-                    killed.set()
-                    return str(entry["run_id"])
-            await asyncio.sleep(0.002)
-        killed.set()
-        pytest.fail("no run was caught running step b")
+        try:
+            cut = await step_just_started(server.logs[-1], "b", acknowledged, SETTLE)
+            server.kill()
+            return cut
+        finally:
+            killed.set()
 
     senders = asyncio.gather(*(one(e) for e in events))
     try:

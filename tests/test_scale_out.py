@@ -40,15 +40,14 @@ from dispatcher.events import hook_event_from
 from dispatcher.run_owners import RunOwners
 from dispatcher.runner import Runner
 from dispatcher.settings import Settings
-from tests.conftest import Harness, HarnessFactory, event_json
+from tests.conftest import Harness, HarnessFactory, event_json, eventually
 from tests.nats_cluster import NatsCluster
+from tests.processes import step_just_started
 from tests.test_crash_recovery import (
     SETTLE,
     SNAPHOOK,
     Server,
     interrupted,
-    log_time,
-    parse_log_line,
     run_log_counts,
     step,
 )
@@ -211,13 +210,6 @@ async def _quiet(exc: Exception) -> None:
     """The killed node of a cluster is expected to refuse connections."""
 
 
-async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = SETTLE) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {within}s: {what}"
-        await asyncio.sleep(0.02)
-
-
 async def run_of(h: Harness, run_id: str) -> dict[str, Any]:
     resp = await h.client.get(f"/v1/runs/{run_id}")
     assert resp.status == 200, await resp.text()
@@ -234,7 +226,11 @@ async def test_sync_wait_answers_on_a_replica_that_does_not_execute_the_run(
     # B has one run slot, busy with a long run, so A executes everything sent after.
     b = await replica(max_concurrent_runs=1)
     held = await b.emit(subject="hold/Deployment/db")
-    await until(lambda: _step_status(b, held["run_id"], "hold", "running"), "B runs the hold step")
+    await eventually(
+        lambda: _step_status(b, held["run_id"], "hold", "running"),
+        SETTLE,
+        what="B runs the hold step",
+    )
     a = await replica()
 
     resp = await b.send(event_json(subject="decide/Deployment/db"), wait=10)
@@ -255,7 +251,11 @@ async def test_decision_timeout_on_one_replica_stops_the_run_on_another(
 ) -> None:
     b = await replica(max_concurrent_runs=1)
     held = await b.emit(subject="hold/Deployment/db")
-    await until(lambda: _step_status(b, held["run_id"], "hold", "running"), "B runs the hold step")
+    await eventually(
+        lambda: _step_status(b, held["run_id"], "hold", "running"),
+        SETTLE,
+        what="B runs the hold step",
+    )
     a = await replica()
 
     # The binding gives the decision 0.3 s; the check step takes 1 s on A.
@@ -286,7 +286,9 @@ async def test_event_sent_again_after_the_dedup_window_runs_once(
     event_id = uuid.uuid4().hex
     first = await a.emit(subject="slow/Deployment/db", event_id=event_id)
     run_id = first["run_id"]
-    await until(lambda: _step_status(a, run_id, "slow", "running"), "the slow step runs")
+    await eventually(
+        lambda: _step_status(a, run_id, "slow", "running"), SETTLE, what="the slow step runs"
+    )
     # The window is a span of time: only waiting it out makes JetStream forget the id.
     await asyncio.sleep(1.1)
 
@@ -302,7 +304,7 @@ async def test_event_sent_again_after_the_dedup_window_runs_once(
     async def drained() -> bool:
         return (await stream_state(nats_node.url, prefix))[0] == 0
 
-    await until(drained, "the run queue is empty")
+    await eventually(drained, SETTLE, what="the run queue is empty")
     run = await run_of(b, run_id)
     assert step(run, "slow")["attempts"] == 1, run
     # Neither message was ever redelivered: no replica lost its heartbeats.
@@ -367,7 +369,7 @@ async def test_expired_lease_is_released_once_while_three_reapers_race(
                 return False
         return True
 
-    await until(all_released, "every lease released")
+    await eventually(all_released, SETTLE, what="every lease released")
     for run_id in run_ids:
         [lease] = (await run_of(replicas[0], run_id))["leases"]
         assert lease["released_by"] == "reaper", lease
@@ -496,26 +498,9 @@ async def kill_replica_in_step_b(fleet: Fleet, acknowledged: dict[str, Any]) -> 
     """SIGKILL replica 0 just after it logged that an acknowledged run's step ``b`` (0.2 s)
     started: that step surely is cut. Returns the run's id."""
     server = fleet.servers[0]
-    log, offset = server.logs[-1], 0
-    deadline = time.monotonic() + SETTLE
-    while time.monotonic() < deadline:
-        with log.open("rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        offset += len(complete)
-        for line in complete.decode(errors="replace").splitlines():
-            entry = parse_log_line(line)
-            if (
-                entry.get("msg") == "step started"
-                and entry.get("step") == "b"
-                and entry.get("run_id") in acknowledged
-                and time.time() - log_time(entry) < 0.1
-            ):
-                server.kill()
-                return str(entry["run_id"])
-        await asyncio.sleep(0.002)
-    pytest.fail("replica 0 was never caught running step b")
+    cut = await step_just_started(server.logs[-1], "b", acknowledged, SETTLE)
+    server.kill()
+    return cut
 
 
 async def all_final(
@@ -536,7 +521,7 @@ async def all_final(
                 runs[run_id] = await resp.json()
         return all(runs[r]["status"] in ("succeeded", "failed") for r in run_ids)
 
-    await until(done, f"every run final on {server.url}\n{server.log_tail()}")
+    await eventually(done, SETTLE, what=f"every run final on {server.url}\n{server.log_tail()}")
     return runs
 
 
@@ -584,7 +569,7 @@ async def check_exactly_once(
         except nats.errors.Error:  # a stream leader being elected after a node died
             return False
 
-    await until(drained, "the run queue is empty")
+    await eventually(drained, SETTLE, what="the run queue is empty")
     return runs
 
 

@@ -1,4 +1,5 @@
-"""Subprocesses of a test's own (``snaphook serve``, ``nats-server``): kill, watch their logs.
+"""Subprocesses of a test's own: run a command to its end, wait for a server's readiness,
+kill it, watch its logs.
 
 A process is killed by its PID with SIGKILL, as a node or OOM kill would: no shutdown code
 runs. (Never by name: other tests run their own servers.)
@@ -13,12 +14,72 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+
+
+@dataclass
+class Result:
+    """A finished command: its exit code, stdout and stderr."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+async def run_command(
+    argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout: float
+) -> Result:
+    """Run ``argv`` to its end (killed after ``timeout`` s). Through asyncio, so a server in
+    this event loop keeps serving. A traceback on stderr fails the test: errors are for users."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.communicate()
+        raise
+    assert proc.returncode is not None
+    result = Result(proc.returncode, out.decode(), err.decode())
+    assert "Traceback" not in result.err, result.err
+    return result
+
+
+async def wait_ready(
+    http: aiohttp.ClientSession,
+    url: str,
+    *,
+    alive: Callable[[], bool],
+    log: Callable[[], str],
+    within: float,
+) -> dict[str, Any]:
+    """Poll ``{url}/readyz`` until it answers 200; its body. Fails at once when the server's
+    process is no longer ``alive()``, with its ``log()``."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        assert alive(), f"{url}: the server exited early:\n{log()}"
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with http.get(f"{url}/readyz") as resp:
+                if resp.status == 200:
+                    body: dict[str, Any] = await resp.json()
+                    return body
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{url}: not ready within {within:g}s:\n{log()}")
 
 
 def sigkill(proc: subprocess.Popen[bytes]) -> None:

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import SUBJECT, Harness, HarnessFactory, event_json, free_port, write_blueprints
+from tests.processes import Result, run_command, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPHOOK = Path(sys.executable).with_name("snaphook")
@@ -88,16 +89,6 @@ spec:
 """
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without snaphook settings that would leak in."""
     env = {
@@ -112,24 +103,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 async def snaphook(
     *args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: float = 30
 ) -> Result:
-    proc = await asyncio.create_subprocess_exec(
-        str(SNAPHOOK),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env or clean_env(),
-        cwd=cwd,
+    return await run_command(
+        [str(SNAPHOOK), *args], env=env or clean_env(), cwd=cwd, timeout=timeout
     )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.communicate()
-        raise
-    assert proc.returncode is not None
-    result = Result(proc.returncode, out.decode(), err.decode())
-    assert "Traceback" not in result.err, result.err
-    return result
 
 
 def events_url(h: Harness) -> str:
@@ -493,20 +469,15 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
         err.close()
 
 
-async def wait_ready(served: Served, timeout: float = 15) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+async def serve_ready(served: Served, timeout: float = 15) -> dict[str, Any]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
-            assert served.proc.returncode is None, f"serve exited early:\n{served.log()}"
-            try:
-                async with session.get(f"{served.url}/readyz") as resp:
-                    if resp.status == 200:
-                        body: dict[str, Any] = await resp.json()
-                        return body
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"not ready after {timeout}s:\n{served.log()}")
+        return await wait_ready(
+            session,
+            served.url,
+            alive=lambda: served.proc.returncode is None,
+            log=served.log,
+            within=timeout,
+        )
 
 
 async def get_json(url: str) -> dict[str, Any]:
@@ -539,7 +510,7 @@ async def test_serve_the_readme_demo(serve: ServeFactory, tmp_path: Path) -> Non
         "--port", str(port), "--state-dir", str(tmp_path / "state"), "--config", EXAMPLE_CONFIG,
         port=port,
     )  # fmt: skip
-    ready = await wait_ready(served)
+    ready = await serve_ready(served)
     assert "demo" in ready["blueprints"]  # default hooks/ from the working directory
     emit = ["emit", "--url", f"{served.url}/v1/events", "--subject", DEMO_SUBJECT]
 
@@ -589,7 +560,7 @@ async def test_serve_honours_snaphook_port_env(serve: ServeFactory, tmp_path: Pa
     port = free_port()
     env = clean_env(SNAPHOOK_PORT=str(port), SNAPHOOK_STATE_DIR=str(tmp_path / "state"))
     served = await serve(port=port, env=env)
-    await wait_ready(served)
+    await serve_ready(served)
     assert await stop(served) == 0
 
 

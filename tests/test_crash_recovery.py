@@ -13,7 +13,6 @@ What must hold after the restart on the same state directory:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -30,7 +29,7 @@ import pytest
 import yaml
 
 from tests.conftest import event_json, free_port
-from tests.processes import parse_log_line, sigkill, step_just_started, tail
+from tests.processes import parse_log_line, sigkill, step_just_started, tail, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -166,21 +165,12 @@ class Server:
             return Counter()
         return Counter(self.effects_path.read_text(encoding="utf-8").split())
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     async def start(self, http: aiohttp.ClientSession) -> None:
         self.spawn()
-        deadline = time.monotonic() + SETTLE
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"snaphook serve exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with http.get(f"{self.url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-        pytest.fail(f"snaphook serve not ready within {SETTLE}s:\n{self.log_tail()}")
+        await wait_ready(http, self.url, alive=self.alive, log=self.log_tail, within=SETTLE)
 
     async def post(self, http: aiohttp.ClientSession, event: dict[str, Any]) -> tuple[int, Any]:
         headers = {"Content-Type": "application/cloudevents+json"}

@@ -26,6 +26,7 @@ from dispatcher.invocation_cache import InvocationCache, KeyConflict
 from functions.sdk import Context, FunctionRegistry, function
 from tests.conftest import FunctionHostFactory, eventually, free_port
 from tests.hookfns import Empty, Recorder, fresh
+from tests.processes import wait_ready
 
 INVOKE = "io.snaphook.function.invoke"
 RESULT = "io.snaphook.function.result"
@@ -398,19 +399,13 @@ class HostProcess:
         return self.effects.read_text().splitlines() if self.effects.exists() else []
 
     async def ready(self, http: aiohttp.ClientSession, timeout: float = 30.0) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                async with http.get(f"{self.url}/readyz") as resp:
-                    if resp.status == 200:
-                        body: dict[str, Any] = await resp.json()
-                        return body
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"function host not ready: {self.log.read_text()}")
+        return await wait_ready(
+            http,
+            self.url,
+            alive=lambda: self.proc.poll() is None,
+            log=self.log.read_text,
+            within=timeout,
+        )
 
 
 @pytest.fixture

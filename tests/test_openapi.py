@@ -28,6 +28,7 @@ from openapi_spec_validator import validate
 from dispatcher.openapi import document
 from dispatcher.settings import Settings
 from tests.conftest import Harness, HarnessFactory, event_json, free_port
+from tests.processes import wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -251,25 +252,15 @@ async def live_server(tmp_path: Path) -> AsyncIterator[LiveServer]:
         )  # fmt: skip
     server = LiveServer(f"http://127.0.0.1:{port}", log)
     try:
-        await _wait_ready(server, lambda: proc.returncode is None)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            await wait_ready(
+                http, server.url, alive=lambda: proc.returncode is None, log=server.tail, within=30
+            )
         yield server
     finally:
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
-
-
-async def _wait_ready(server: LiveServer, alive: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while time.monotonic() < deadline:
-            assert alive(), f"snaphook serve exited:\n{server.tail()}"
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with http.get(f"{server.url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    pytest.fail(f"snaphook serve not ready:\n{server.tail()}")
 
 
 @pytest.mark.slow

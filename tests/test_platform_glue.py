@@ -20,7 +20,6 @@ BlueprintBinding spec, Velero's hook annotations.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from dispatcher.blueprint_loader import load_blueprints
 from dispatcher.principals import hash_token
 from functions.sdk import FunctionRegistry
 from tests.conftest import Harness, HarnessFactory
+from tests.processes import Result, run_command
 from tests.secrets_registry import test_secret
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,35 +117,10 @@ async def final(h: Harness, run_id: str) -> dict[str, Any]:
 # -- executing commands ---------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
 async def execute(argv: Sequence[str], env: Mapping[str, str], timeout: float = 60) -> Result:
     """Run ``argv`` with only ``env`` (plus a PATH reaching this virtualenv's scripts)."""
     full_env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **env}
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=full_env,
-        cwd=REPO,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.communicate()
-        raise
-    assert proc.returncode is not None
-    result = Result(proc.returncode, out.decode(), err.decode())
-    assert "Traceback" not in result.err, result.err
+    result = await run_command(argv, env=full_env, cwd=REPO, timeout=timeout)
     assert TOKEN not in result.out + result.err
     return result
 

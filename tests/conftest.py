@@ -67,6 +67,11 @@ class Harness:
         state: AppState = self.client.app[STATE]
         return state
 
+    @property
+    def url(self) -> str:
+        """The server's base URL (no trailing ``/``), for a client outside the test client."""
+        return str(self.client.server.make_url("/")).rstrip("/")
+
     async def send(
         self,
         event: dict[str, Any],

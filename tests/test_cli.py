@@ -112,10 +112,6 @@ def events_url(h: Harness) -> str:
     return str(h.client.server.make_url("/v1/events"))
 
 
-def base_url(h: Harness) -> str:
-    return str(h.client.server.make_url("/")).rstrip("/")
-
-
 # -- emit -------------------------------------------------------------------------------------
 
 
@@ -248,7 +244,7 @@ async def test_runs_ls_and_show(harness: HarnessFactory) -> None:
         ],
     )
     first = await h.final((await h.emit())["run_id"])
-    url = base_url(h)
+    url = h.url
     ls, show = await asyncio.gather(
         snaphook("runs", "ls", "--url", url),
         snaphook("runs", "show", first["run_id"], "--url", url),
@@ -281,7 +277,7 @@ async def test_runs_ls_and_show(harness: HarnessFactory) -> None:
 async def test_runs_show_unknown_and_unreachable(harness: HarnessFactory) -> None:
     h = await harness({"pass": PASS})
     unknown, unreachable = await asyncio.gather(
-        snaphook("runs", "show", "run-nope", "--url", base_url(h)),
+        snaphook("runs", "show", "run-nope", "--url", h.url),
         snaphook("runs", "ls", "--url", f"http://127.0.0.1:{free_port()}"),
     )
     assert unknown.code == 2

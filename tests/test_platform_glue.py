@@ -96,10 +96,6 @@ async def live(harness: HarnessFactory) -> Harness:
     return await harness({"glue": GLUE, "deny": DENY}, bindings=BINDINGS, auth=AUTH)
 
 
-def base_url(h: Harness) -> str:
-    return str(h.client.server.make_url("/")).rstrip("/")
-
-
 async def run_of(h: Harness, run_id: str) -> dict[str, Any]:
     resp = await h.client.get(f"/v1/runs/{run_id}", headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status == 200, await resp.text()
@@ -184,7 +180,7 @@ class KubeTask:
         return container_env(container, fields={}, url=url)
 
     async def run(self, h: Harness, obj: Mapping[str, str], time: str) -> Result:
-        return await execute(self.argv(obj, time), self.env(base_url(h)))
+        return await execute(self.argv(obj, time), self.env(h.url))
 
 
 def kube_task(action: str, index: int) -> KubeTask:
@@ -380,7 +376,7 @@ class VeleroHook:
         return container_env(container, fields=fields, url=url)
 
     async def run(self, h: Harness, pod: str = "db-0", namespace: str = "shop") -> Result:
-        return await execute(self.argv(), self.env(base_url(h), pod, namespace))
+        return await execute(self.argv(), self.env(h.url, pod, namespace))
 
 
 PRE_HOOK = VeleroHook("pre.hook.backup.velero.io")
@@ -435,7 +431,7 @@ async def test_velero_restore_hook_sends_restore_post(live: Harness) -> None:
 
 async def test_follow_pre_takes_either_url_and_only_fits_post_events(live: Harness) -> None:
     env = {
-        "SNAPHOOK_URL": f"{base_url(live)}/v1/events",  # the events URL works as well
+        "SNAPHOOK_URL": f"{live.url}/v1/events",  # the events URL works as well
         "SNAPHOOK_TOKEN": TOKEN,
         "SNAPHOOK_SUBJECT": "shop/Deployment/api",
         "SNAPHOOK_SOURCE": "velero/cluster-b",
@@ -481,7 +477,7 @@ def test_platform_files_are_not_snaphook_blueprints() -> None:
 
 
 def curl_env(h: Harness, **extra: str) -> dict[str, str]:
-    return {"SNAPHOOK_URL": base_url(h), "SNAPHOOK_SOURCE": "curl/ci", **extra}
+    return {"SNAPHOOK_URL": h.url, "SNAPHOOK_SOURCE": "curl/ci", **extra}
 
 
 async def curl(script: str, h: Harness, *args: str, **env: str) -> Result:

@@ -3,39 +3,26 @@
 A stored value is an envelope ``{"v": 1, "<kind>": {field: value, ...}, ...}``: the version
 lets replicas of different releases share one store (a reader refuses a newer envelope
 instead of misreading it), and unknown fields are ignored on load so a field added later
-does not break an older reader. Field encoders check types like the SQLite backend does:
-a wrong type raises ``TypeError``/``ValueError`` in the caller, before anything is written.
+does not break an older reader. A record's body is what :mod:`dispatcher.journal.fields`
+encodes, the same checks as in the SQLite backend.
 """
 
 from __future__ import annotations
 
 import base64
-import enum
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final
 
 from dispatcher.errors import JournalError
-from dispatcher.journal import (
-    LeaseRecord,
-    LeaseStatus,
-    RunRecord,
-    RunStatus,
-    StepRecord,
-    StepStatus,
-)
+from dispatcher.journal import LeaseStatus, RunStatus
+from dispatcher.journal.fields import Body, text
 
 __all__ = [
     "ENVELOPE_VERSION",
-    "LEASES",
-    "RUNS",
-    "STEPS",
-    "Body",
     "LeaseSummary",
-    "RecordCodec",
     "RunSummary",
     "StoredRun",
     "idempotency_key",
@@ -46,10 +33,6 @@ __all__ = [
     "summarize_run",
     "unpack",
 ]
-
-R = TypeVar("R")
-Body = dict[str, Any]  # one record's fields, JSON values
-Encoder = Callable[[Any], Any]
 
 ENVELOPE_VERSION: Final = 1
 
@@ -92,112 +75,6 @@ def unpack(kind: str, data: bytes | None) -> dict[str, Any]:
             f"version {ENVELOPE_VERSION}"
         )
     return envelope
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _optional(encode: Encoder) -> Encoder:
-    return lambda value: None if value is None else encode(value)
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):  # str(None) == "None" must not sneak in
-        raise TypeError(f"expected str, got {type(value).__name__}")
-    return value
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected bool, got {type(value).__name__}")
-    return value
-
-
-def _enum(cls: type[enum.StrEnum]) -> Encoder:
-    return lambda value: cls(value).value  # ValueError on an unknown status
-
-
-@dataclass(frozen=True)
-class RecordCodec(Generic[R]):
-    """How one record type maps to a JSON body: an encoder per field (every field of the
-    dataclass), decoders where the stored form differs, and the fields no update may touch."""
-
-    kind: str
-    record: Callable[..., R]
-    encode: Mapping[str, Encoder]
-    decode: Mapping[str, Callable[[Any], Any]]
-    fixed: frozenset[str]
-
-    def dump(self, record: R) -> Body:
-        return {name: enc(getattr(record, name)) for name, enc in self.encode.items()}
-
-    def load(self, body: Mapping[str, Any]) -> R:
-        try:
-            values = {n: self.decode.get(n, _same)(body[n]) for n in self.encode if n in body}
-            return self.record(**values)
-        except (TypeError, ValueError) as exc:
-            raise JournalError(f"stored {self.kind} record is unreadable: {exc}") from None
-
-    def changes(self, changes: Mapping[str, Any]) -> Body:
-        """Encoded ``changes``; ``ValueError`` naming any field that may not be set."""
-        unknown = sorted(set(changes) - (self.encode.keys() - self.fixed))
-        if unknown:
-            raise ValueError(f"cannot update {self.kind} field(s): {', '.join(unknown)}")
-        encoded = {name: self.encode[name](value) for name, value in changes.items()}
-        json.dumps(encoded)  # a value JSON cannot hold fails here, before any read or write
-        return encoded
-
-
-_opt_float, _opt_text = _optional(float), _optional(_text)
-
-RUNS: Final = RecordCodec(
-    kind="run",
-    record=RunRecord,
-    encode={
-        **dict.fromkeys(("run_id", "source", "event_id", "type", "subject"), _text),
-        **dict.fromkeys(("blueprint", "failure_policy"), _text),
-        "status": _enum(RunStatus),
-        **dict.fromkeys(("created_at", "updated_at"), float),
-        **dict.fromkeys(("event", "params"), _same),  # serialised (or refused) by pack
-        "decision_timeout": _opt_float,
-        "allowed": _optional(_flag),
-        "reason": _text,
-    },
-    decode={"status": RunStatus},
-    fixed=frozenset({"run_id", "source", "event_id", "created_at", "updated_at"}),
-)
-STEPS: Final = RecordCodec(
-    kind="step",
-    record=StepRecord,
-    encode={
-        **dict.fromkeys(("run_id", "name", "function"), _text),
-        "status": _enum(StepStatus),
-        "attempts": int,
-        **dict.fromkeys(("started_at", "finished_at"), _opt_float),
-        "outputs": _same,
-        "error": _opt_text,
-    },
-    decode={"status": StepStatus},
-    fixed=frozenset({"run_id", "name"}),
-)
-LEASES: Final = RecordCodec(
-    kind="lease",
-    record=LeaseRecord,
-    encode={
-        **dict.fromkeys(("lease_id", "run_id", "step", "target", "backup_id"), _text),
-        "release_function": _text,
-        **dict.fromkeys(("release_with", "context"), _same),
-        "expires_at": float,
-        "status": _enum(LeaseStatus),
-        "created_at": float,
-        "released_at": _opt_float,
-        **dict.fromkeys(("released_by", "error"), _opt_text),
-        "release_outputs": _same,
-    },
-    decode={"status": LeaseStatus},
-    fixed=frozenset({"lease_id", "run_id", "created_at"}),
-)
 
 
 @dataclass(frozen=True)
@@ -257,7 +134,7 @@ class LeaseSummary:
 def _run_summary(body: Body, order: int) -> RunSummary:
     try:
         status = RunStatus(body["status"])
-        return RunSummary(_text(body["run_id"]), status, float(body["created_at"]), order)
+        return RunSummary(text(body["run_id"]), status, float(body["created_at"]), order)
     except (KeyError, TypeError, ValueError) as exc:
         raise JournalError(f"stored run record is unreadable: {exc!r}") from None
 
@@ -265,9 +142,9 @@ def _run_summary(body: Body, order: int) -> RunSummary:
 def lease_summary(body: Body) -> LeaseSummary:
     try:
         return LeaseSummary(
-            _text(body["lease_id"]),
-            _text(body["run_id"]),
-            _text(body["target"]),
+            text(body["lease_id"]),
+            text(body["run_id"]),
+            text(body["target"]),
             LeaseStatus(body["status"]),
             float(body["created_at"]),
             float(body["expires_at"]),

@@ -74,6 +74,7 @@ from dispatcher.journal import (
     StepRecord,
     StepStatus,
 )
+from dispatcher.journal.fields import LEASES, RUNS, STEPS, Body, some
 from dispatcher.journal.jetstream import (
     NATS_ERRORS,
     Conflict,
@@ -85,10 +86,6 @@ from dispatcher.journal.jetstream import (
     write,
 )
 from dispatcher.journal.kvcodec import (
-    LEASES,
-    RUNS,
-    STEPS,
-    Body,
     LeaseSummary,
     RunSummary,
     StoredRun,
@@ -145,12 +142,6 @@ def _owner(index: KeyValue.Entry) -> str:
         return (index.value or b"").decode()
     except UnicodeDecodeError:
         raise JournalError("stored idempotency entry is not a run id") from None
-
-
-def _some(changes: dict[str, Any]) -> dict[str, Any]:
-    if not changes:
-        raise ValueError("no changes given")
-    return changes
 
 
 class NatsJournal:
@@ -500,7 +491,7 @@ class NatsJournal:
         return None if initial is None else (initial, None)
 
     async def update_step(self, run_id: str, name: str, **changes: Any) -> None:
-        encoded = STEPS.changes(_some(changes))
+        encoded = STEPS.changes(some(changes))
 
         async def attempt() -> None:
             current = await self._step(b, run_id, name)
@@ -608,7 +599,7 @@ class NatsJournal:
         return [LEASES.load(body) for body, summary in fresh if matches(summary)]
 
     async def transition_lease(self, lease_id: str, expected: LeaseStatus, **changes: Any) -> bool:
-        encoded = LEASES.changes(_some(changes))
+        encoded = LEASES.changes(some(changes))
         expected_value = LeaseStatus(expected).value
         key = key_token(lease_id)
 

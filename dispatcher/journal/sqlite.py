@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
+import functools
 import json
 import queue
 import sqlite3
@@ -34,6 +34,7 @@ from dispatcher.journal import (
     StepRecord,
     StepStatus,
 )
+from dispatcher.journal.fields import LEASES, RUNS, STEPS, Encoder, RecordFields, optional, some
 
 __all__ = ["SCHEMA_VERSION", "SQLiteJournal"]
 
@@ -74,40 +75,28 @@ _SCHEMA: Final = (
 R = TypeVar("R")
 
 
-def _optional(encode: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda value: None if value is None else encode(value)
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):  # str(None) == "None" must not sneak in
-        raise TypeError(f"expected str, got {type(value).__name__}")
-    return value
-
-
-def _flag(value: Any) -> int:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected bool, got {type(value).__name__}")
-    return int(value)
-
-
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _enum(cls: type[enum.StrEnum]) -> Callable[[Any], str]:
-    return lambda value: cls(value).value  # ValueError on an unknown status
-
-
 @dataclasses.dataclass(frozen=True)
 class _Table(Generic[R]):
-    """How a record maps to a table: per-column encoders (in column order), decoders for
-    columns not stored as-is, and the columns no update may touch."""
+    """How a record maps to a table: its fields (:mod:`dispatcher.journal.fields`), the
+    columns stored otherwise (JSON documents as text, the steps' position) and how to read
+    those back."""
 
     name: str
-    record: Callable[..., R]
-    encode: Mapping[str, Callable[[Any], Any]]
-    decode: Mapping[str, Callable[[Any], Any]]
-    fixed: frozenset[str]
+    fields: RecordFields[R]
+    columns: Mapping[str, Encoder] = dataclasses.field(default_factory=dict)
+    read: Mapping[str, Encoder] = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def encode(self) -> dict[str, Encoder]:
+        return {**self.fields.encode, **self.columns}
+
+    @functools.cached_property
+    def decode(self) -> dict[str, Encoder]:
+        return {**self.fields.decode, **self.read}
 
     @property
     def insert(self) -> str:
@@ -124,78 +113,35 @@ class _Table(Generic[R]):
         pairs = zip(row.keys(), row, strict=True)
         values = {c: self.decode.get(c, lambda v: v)(v) for c, v in pairs}
         values.pop("position", None)  # steps: storage order only, not part of the record
-        return self.record(**values)
+        return self.fields.record(**values)
 
     def assignments(self, changes: dict[str, Any]) -> tuple[list[str], list[Any]]:
-        """``["a = ?", ...]`` and encoded values. Only whitelisted column names are ever
-        interpolated into SQL; anything else is a ValueError."""
-        unknown = sorted(set(changes) - (self.encode.keys() - self.fixed))
-        if unknown:
-            raise ValueError(f"cannot update {self.name} field(s): {', '.join(unknown)}")
+        """``["a = ?", ...]`` and encoded values. Only the record's settable field names are
+        ever interpolated into SQL; anything else is a ValueError."""
+        self.fields.check(changes)
         sets = [f"{c} = ?" for c in changes]
         return sets, [self.encode[c](v) for c, v in changes.items()]
 
 
-_opt_float, _opt_text, _opt_json = _optional(float), _optional(_text), _optional(_json)
+_opt_json, _opt_loads = optional(_json), optional(json.loads)
 
 _RUNS = _Table(
     name="runs",
-    record=RunRecord,
-    encode={
-        **dict.fromkeys(("run_id", "source", "event_id", "type", "subject"), _text),
-        **dict.fromkeys(("blueprint", "failure_policy"), _text),
-        "status": _enum(RunStatus),
-        **dict.fromkeys(("created_at", "updated_at"), float),
-        **dict.fromkeys(("event", "params"), _json),
-        "decision_timeout": _opt_float,
-        "allowed": _optional(_flag),
-        "reason": _text,
-    },
-    decode={
-        "status": RunStatus,
-        "event": json.loads,
-        "params": json.loads,
-        "allowed": _optional(bool),
-    },
-    fixed=frozenset({"run_id", "source", "event_id", "created_at", "updated_at"}),
+    fields=RUNS,
+    columns=dict.fromkeys(("event", "params"), _json),
+    read={"event": json.loads, "params": json.loads, "allowed": optional(bool)},
 )
 _STEPS = _Table(
     name="steps",
-    record=StepRecord,
-    encode={
-        **dict.fromkeys(("run_id", "name"), _text),
-        "position": int,
-        "function": _text,
-        "status": _enum(StepStatus),
-        "attempts": int,
-        **dict.fromkeys(("started_at", "finished_at"), _opt_float),
-        "outputs": _opt_json,
-        "error": _opt_text,
-    },
-    decode={"status": StepStatus, "outputs": _optional(json.loads)},
-    fixed=frozenset({"run_id", "name", "position"}),
+    fields=STEPS,
+    columns={"position": int, "outputs": _opt_json},  # position: set once, at accept
+    read={"outputs": _opt_loads},
 )
 _LEASES = _Table(
     name="leases",
-    record=LeaseRecord,
-    encode={
-        **dict.fromkeys(("lease_id", "run_id", "step", "target", "backup_id"), _text),
-        "release_function": _text,
-        **dict.fromkeys(("release_with", "context"), _json),
-        "expires_at": float,
-        "status": _enum(LeaseStatus),
-        "created_at": float,
-        "released_at": _opt_float,
-        **dict.fromkeys(("released_by", "error"), _opt_text),
-        "release_outputs": _opt_json,
-    },
-    decode={
-        "status": LeaseStatus,
-        "release_with": json.loads,
-        "context": json.loads,
-        "release_outputs": _optional(json.loads),
-    },
-    fixed=frozenset({"lease_id", "run_id", "created_at"}),
+    fields=LEASES,
+    columns={**dict.fromkeys(("release_with", "context"), _json), "release_outputs": _opt_json},
+    read={"release_with": json.loads, "context": json.loads, "release_outputs": _opt_loads},
 )
 
 
@@ -491,7 +437,7 @@ class SQLiteJournal:
         return await self._call("get_steps", _select(sql, (run_id,), _STEPS))
 
     async def update_step(self, run_id: str, name: str, **changes: Any) -> None:
-        sets, params = _STEPS.assignments(_some(changes))
+        sets, params = _STEPS.assignments(some(changes))
         sql = f"UPDATE steps SET {', '.join(sets)} WHERE run_id = ? AND name = ?"
         missing = f"unknown step {name!r} of run {run_id!r}"
         await self._call("update_step", _update_one(sql, (*params, run_id, name), missing))
@@ -546,7 +492,7 @@ class SQLiteJournal:
         return await self._call("expired_leases", _select(sql, params, _LEASES))
 
     async def transition_lease(self, lease_id: str, expected: LeaseStatus, **changes: Any) -> bool:
-        sets, params = _LEASES.assignments(_some(changes))
+        sets, params = _LEASES.assignments(some(changes))
         sql = f"UPDATE leases SET {', '.join(sets)} WHERE lease_id = ? AND status = ?"
         values = (*params, lease_id, LeaseStatus(expected).value)
         # Ops run one at a time on the writer thread, so "WHERE status = expected" is a CAS.
@@ -554,12 +500,6 @@ class SQLiteJournal:
             "transition_lease", lambda conn: conn.execute(sql, values).rowcount
         )
         return rowcount == 1
-
-
-def _some(changes: dict[str, Any]) -> dict[str, Any]:
-    if not changes:
-        raise ValueError("no changes given")
-    return changes
 
 
 def _select(sql: str, params: Any, table: _Table[R]) -> Callable[[sqlite3.Connection], list[R]]:

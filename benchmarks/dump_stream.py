@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from _common import free_port  # type: ignore[import-not-found]  # the sibling module
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPHOOK = Path(sys.executable).with_name("snaphook")
@@ -88,13 +88,6 @@ spec:
           part_size_mb: "{{ params.part_size_mb }}"
         timeout: 2h
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

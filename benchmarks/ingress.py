@@ -29,44 +29,34 @@ import contextlib
 import json
 import math
 import os
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
+from _common import (  # type: ignore[import-not-found]  # the sibling module
+    SNAPHOOK,
+    Sample,
+    Server,
+    final_runs,
+    free_port,
+    pct,
+    post,
+    ratio,
+    row,
+    running,
+    spawn,
+    spawn_snaphook,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-SNAPHOOK = Path(sys.executable).with_name("snaphook")
 THROUGHPUT_CONCURRENCY = 32
 LATENCY_CONCURRENCY = (1, 8)
 WARMUP = 200  # requests sent before anything is measured
 GOAL_RATIO = 0.5  # snaphook accepted/s vs raw
 GOAL_P99_MS = 5.0  # event → step started, p99
-
-BLUEPRINT = """\
-apiVersion: snaphook.io/v1
-kind: Blueprint
-metadata: {name: bench}
-spec:
-  actions:
-    backup.pre:
-      - {name: noop, function: sleep, with: {seconds: 0}}
-"""
-CONFIG = """\
-apiVersion: snaphook.io/v1
-kind: Config
-bindings:
-  - blueprint: bench
-    match: {namespace: bench}
-"""
 
 
 # --- the baseline server ------------------------------------------------------------------
@@ -92,84 +82,18 @@ def serve_raw(port: int) -> None:
 # --- servers under test -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    async def ready(self, http: aiohttp.ClientSession, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                sys.exit(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with http.get(f"{self.url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-        sys.exit(f"{self.name} not ready within {timeout:g}s")
-
-
-def spawn(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str]) -> Server:
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
-    return Server(name, proc, port, log)
-
-
 def spawn_raw(workdir: Path) -> Server:
     port = free_port()
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve-raw", str(port)]
     return spawn("raw", argv, port, workdir, dict(os.environ))
 
 
-def spawn_snaphook(workdir: Path, tag: str, options: Options) -> Server:
-    hooks = workdir / "hooks"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "bench.yaml").write_text(BLUEPRINT, encoding="utf-8")
-    config = workdir / "config.yaml"
-    config.write_text(CONFIG, encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPHOOK_")}
-    env.update(SNAPHOOK_JOURNAL_SYNC=options.journal_sync, SNAPHOOK_LOG_LEVEL=options.log_level)
-    port = free_port()
-    argv = [
-        str(SNAPHOOK),
-        "serve",
-        "--state-dir",
-        str(workdir / f"state-{tag}"),
-        "--hooks",
-        str(hooks),
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-    ]
-    return spawn(f"snaphook-{tag}", argv, port, workdir, env)
+def snaphook(workdir: Path, tag: str, options: Options) -> Server:
+    settings = {
+        "SNAPHOOK_JOURNAL_SYNC": options.journal_sync,
+        "SNAPHOOK_LOG_LEVEL": options.log_level,
+    }
+    return spawn_snaphook(workdir, f"snaphook-{tag}", settings)
 
 
 @dataclass(frozen=True)
@@ -181,45 +105,7 @@ class Options:
     log_level: str
 
 
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[Server]:
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 # --- the client ---------------------------------------------------------------------------
-
-HEADERS = {"Content-Type": "application/cloudevents+json"}
-Sample = tuple[float, float, str | None]  # sent at, answered at (time.time()), run id if 2xx
-
-
-def event_body() -> bytes:
-    event_id = uuid.uuid4().hex
-    return json.dumps(
-        {
-            "specversion": "1.0",
-            "id": event_id,
-            "source": "bench",
-            "type": "io.snaphook.backup.pre",
-            "subject": "bench/Deployment/db",
-            "datacontenttype": "application/json",
-            "data": {"backup": {"name": "nightly", "id": event_id}},
-        }
-    ).encode()
-
-
-async def post(http: aiohttp.ClientSession, url: str) -> Sample:
-    """Send one event and read the whole answer."""
-    body = event_body()
-    sent = time.time()
-    async with http.post(f"{url}/v1/events", data=body, headers=HEADERS) as resp:
-        answer = await resp.read()
-        answered = time.time()
-        if not 200 <= resp.status < 300:
-            return sent, answered, None
-    return sent, answered, json.loads(answer)["run_id"]
 
 
 async def warm_up(http: aiohttp.ClientSession, url: str) -> None:
@@ -266,22 +152,9 @@ async def step_times(
     http: aiohttp.ClientSession, url: str, run_ids: list[str], timeout: float = 60.0
 ) -> dict[str, tuple[float, float]]:
     """(started_at, finished_at) of each run's step, once every run is final."""
-    times: dict[str, tuple[float, float]] = {}
-    deadline = time.monotonic() + timeout
-    while len(times) < len(run_ids):
-        if time.monotonic() > deadline:
-            sys.exit(f"{len(run_ids) - len(times)} runs not final within {timeout:g}s")
-        for run_id in run_ids:
-            if run_id in times:
-                continue
-            async with http.get(f"{url}/v1/runs/{run_id}") as resp:
-                run: dict[str, Any] = await resp.json()
-            if run["status"] in ("succeeded", "failed"):
-                step = run["steps"][0]
-                times[run_id] = (step["started_at"], step["finished_at"])
-        if len(times) < len(run_ids):
-            await asyncio.sleep(0.1)
-    return times
+    runs = await final_runs(http, url, run_ids, timeout)
+    steps = {run_id: run["steps"][0] for run_id, run in runs.items()}
+    return {run_id: (step["started_at"], step["finished_at"]) for run_id, step in steps.items()}
 
 
 async def drain(http: aiohttp.ClientSession, url: str, timeout: float = 120.0) -> float:
@@ -344,15 +217,6 @@ class Latencies:
     finished: tuple[float, float] = (math.nan, math.nan)
 
 
-def pct(values: list[float]) -> tuple[float, float]:
-    """p50 and p99 of seconds, in milliseconds."""
-    if len(values) < 2:
-        value = values[0] * 1000 if values else math.nan
-        return value, value
-    q = statistics.quantiles(values, n=100, method="inclusive")
-    return q[49] * 1000, q[98] * 1000
-
-
 async def measure_latency(
     http: aiohttp.ClientSession, raw: Server, snap: Server, concurrency: int, count: int
 ) -> tuple[Latencies, Latencies]:
@@ -376,14 +240,6 @@ async def measure_latency(
 
 
 # --- the report ---------------------------------------------------------------------------
-
-
-def row(label: str, *cells: str) -> str:
-    return f"{label:<46}" + "".join(f"{c:>12}" for c in cells)
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
 
 
 def report(
@@ -439,8 +295,8 @@ async def main(options: Options) -> None:
                 raw = stack.enter_context(running(spawn_raw(workdir)))
                 # Two snaphooks, each with its own state directory: latency on a small
                 # journal, throughput from an empty one, like the baseline.
-                lat = stack.enter_context(running(spawn_snaphook(workdir, "latency", options)))
-                tput = stack.enter_context(running(spawn_snaphook(workdir, "throughput", options)))
+                lat = stack.enter_context(running(snaphook(workdir, "latency", options)))
+                tput = stack.enter_context(running(snaphook(workdir, "throughput", options)))
                 for server in (raw, lat, tput):
                     await server.ready(http)
                     await warm_up(http, server.url)

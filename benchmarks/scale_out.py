@@ -36,20 +36,19 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-from ingress import (  # type: ignore[import-not-found]  # the sibling benchmark script
-    BLUEPRINT,
-    CONFIG,
+from _common import (  # type: ignore[import-not-found]  # the sibling module
     SNAPHOOK,
     Sample,
     Server,
+    final_runs,
     free_port,
     pct,
     post,
+    ratio,
     row,
-    spawn,
+    spawn_snaphook,
 )
 
 NATS_SERVER = Path(os.environ.get("SNAPHOOK_BENCH_NATS_SERVER", "/usr/sbin/nats-server"))
@@ -96,23 +95,7 @@ def start_nats(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def spawn_replica(workdir: Path, name: str, backend: dict[str, str]) -> Server:
-    hooks = workdir / "hooks"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "bench.yaml").write_text(BLUEPRINT, encoding="utf-8")
-    config = workdir / "config.yaml"
-    config.write_text(CONFIG, encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPHOOK_")}
-    env.update(SNAPHOOK_LOG_LEVEL="warning", **backend)
-    port = free_port()
-    argv = [
-        str(SNAPHOOK),
-        "serve",
-        f"--state-dir={workdir / f'state-{name}'}",
-        f"--hooks={hooks}",
-        f"--config={config}",
-        f"--port={port}",
-    ]
-    return spawn(name, argv, port, workdir, env)
+    return spawn_snaphook(workdir, name, {"SNAPHOOK_LOG_LEVEL": "warning", **backend})
 
 
 @contextlib.contextmanager
@@ -183,22 +166,8 @@ async def final_times(
     http: aiohttp.ClientSession, fleet: Fleet, run_ids: list[str]
 ) -> dict[str, float]:
     """When each run became final (its record's ``updated_at``), read from one replica."""
-    url = fleet.servers[0].url
-    times: dict[str, float] = {}
-    deadline = time.monotonic() + 120
-    while len(times) < len(run_ids):
-        if time.monotonic() > deadline:
-            sys.exit(f"{fleet.name}: {len(run_ids) - len(times)} runs not final in 120 s")
-        for run_id in run_ids:
-            if run_id in times:
-                continue
-            async with http.get(f"{url}/v1/runs/{run_id}") as resp:
-                run: dict[str, Any] = await resp.json()
-            if run["status"] in ("succeeded", "failed"):
-                times[run_id] = run["updated_at"]
-        if len(times) < len(run_ids):
-            await asyncio.sleep(0.1)
-    return times
+    runs = await final_runs(http, fleet.servers[0].url, run_ids, 120)
+    return {run_id: run["updated_at"] for run_id, run in runs.items()}
 
 
 async def measure(options: argparse.Namespace, workdir: Path) -> list[Fleet]:
@@ -248,20 +217,16 @@ def report(options: argparse.Namespace, made: list[Fleet]) -> None:
     print("-" * (46 + 12 * len(made)))
     label = f"(a) accepted events/s, {THROUGHPUT_CONCURRENCY} senders, {options.seconds:g} s"
     print(row(label, *(f"{fleet.per_second:,.0f}" for fleet in made)))
-    print(row("    ratio to sqlite x1", *(_ratio(f.per_second, base.per_second) for f in made)))
+    print(row("    ratio to sqlite x1", *(ratio(f.per_second, base.per_second) for f in made)))
     print(row("    non-2xx answers", *(str(fleet.errors) for fleet in made)))
     print(row("    runs left running after a window (s)", *(f"{f.backlog:.2f}" for f in made)))
     e2e = {fleet.name: pct([final - sent for sent, final, _ in fleet.samples]) for fleet in made}
     print(f"(b) event -> run final, {LATENCY_CONCURRENCY} senders, {options.samples} events, ms")
     for name, i in (("p50", 0), ("p99", 1)):
         print(row(f"    {name}", *(f"{e2e[f.name][i]:.2f}" for f in made)))
-        ratios = (_ratio(e2e[f.name][i], e2e[base.name][i]) for f in made)
+        ratios = (ratio(e2e[f.name][i], e2e[base.name][i]) for f in made)
         print(row(f"    {name} ratio to sqlite x1", *ratios))
     print("-" * (46 + 12 * len(made)))
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
 
 
 def main() -> None:

@@ -417,6 +417,17 @@ async def kube_cluster(tmp_path: Path) -> AsyncIterator[RunningCluster]:
 
 
 @pytest.fixture
+async def kube_access(kube_cluster: RunningCluster) -> AsyncIterator[Any]:
+    """The dispatcher's ``KubeAccess``, connected to ``kube_cluster``."""
+    from dispatcher.kube import KubeAccess
+
+    kube = KubeAccess(kube_cluster.kubeconfig, "fake")
+    await kube.connect()
+    yield kube
+    await kube.close()
+
+
+@pytest.fixture
 async def kube_call(kube_cluster: RunningCluster) -> AsyncIterator[Any]:
     """``call_function`` with ``ctx.kube`` pointing at ``kube_cluster`` (event subject
     ``ns/Deployment/app``; namespace ``ns`` exists)."""

@@ -76,24 +76,16 @@ def blueprints(tmp_path: Path) -> BlueprintSet:
     return load_blueprints(tmp_path / "hooks", fresh(Recorder()))
 
 
-@pytest.fixture
-async def access(kube_cluster: RunningCluster) -> AsyncIterator[KubeAccess]:
-    kube = KubeAccess(kube_cluster.kubeconfig, "fake")
-    await kube.connect()
-    yield kube
-    await kube.close()
-
-
 Factory = Callable[..., KubeBindingResolver]
 
 
 @pytest.fixture
-async def resolver(access: KubeAccess, blueprints: BlueprintSet) -> AsyncIterator[Factory]:
+async def resolver(kube_access: KubeAccess, blueprints: BlueprintSet) -> AsyncIterator[Factory]:
     made: list[KubeBindingResolver] = []
 
     def make(**options: Any) -> KubeBindingResolver:
         options.setdefault("kinds", KINDS)
-        made.append(KubeBindingResolver(access, blueprints=lambda: blueprints, **options))
+        made.append(KubeBindingResolver(kube_access, blueprints=lambda: blueprints, **options))
         return made[-1]
 
     yield make

@@ -108,6 +108,18 @@ def add_secret(cluster: FakeCluster, namespace: str, name: str, data: dict[str, 
     )
 
 
+def credentialed_mongo(
+    cluster: FakeCluster, secret: str, username: str, password: str, **params: str
+) -> FakeMongo:
+    """``db/StatefulSet/mongo`` bound to ``mongodb-kube``, its ``credentials`` param naming
+    the Secret ``db/<secret>`` (created here); ``params``: more ``snaphook.io/param.*``."""
+    cluster.add_namespace("db")
+    add_secret(cluster, "db", secret, {"username": username, "password": password})
+    annotations = {"snaphook.io/blueprint": "mongodb-kube", "snaphook.io/param.credentials": secret}
+    annotations.update({f"snaphook.io/param.{key}": value for key, value in params.items()})
+    return mongo_statefulset(cluster, "db", "mongo", annotations)
+
+
 async def dispatcher(
     harness: HarnessFactory, kube: RunningCluster | None = None, **settings: Any
 ) -> Harness:
@@ -141,18 +153,7 @@ async def test_annotated_statefulset_is_locked_unlocked_and_told(
 ) -> None:
     cluster = kube_cluster.cluster
     password = test_secret("mongo password")
-    cluster.add_namespace("db")
-    add_secret(cluster, "db", "mongo-creds", {"username": "backup", "password": password})
-    mongo = mongo_statefulset(
-        cluster,
-        "db",
-        "mongo",
-        {
-            "snaphook.io/blueprint": "mongodb-kube",
-            "snaphook.io/param.container": "mongod",
-            "snaphook.io/param.credentials": "mongo-creds",
-        },
-    )
+    mongo = credentialed_mongo(cluster, "mongo-creds", "backup", password, container="mongod")
     h = await dispatcher(harness, kube_cluster)
 
     pre = await decide(h, "backup.pre", "db/StatefulSet/mongo", backup_id="b1")
@@ -273,14 +274,7 @@ async def test_a_secret_read_during_an_api_outage_is_retried(
 ) -> None:
     cluster = kube_cluster.cluster
     password = test_secret("mongo password, outage")
-    cluster.add_namespace("db")
-    add_secret(cluster, "db", "mongo-creds", {"username": "backup-op", "password": password})
-    mongo = mongo_statefulset(
-        cluster,
-        "db",
-        "mongo",
-        {"snaphook.io/blueprint": "mongodb-kube", "snaphook.io/param.credentials": "mongo-creds"},
-    )
+    mongo = credentialed_mongo(cluster, "mongo-creds", "backup-op", password)
     h = await dispatcher(harness, kube_cluster)
     cluster.fail("get", "secrets", 503, times=1)
     pre = await decide(h, "backup.pre", "db/StatefulSet/mongo", backup_id="b1")
@@ -295,14 +289,7 @@ async def test_secret_outside_the_allow_list_fails_the_step_clearly(
 ) -> None:
     cluster = kube_cluster.cluster
     password = test_secret("root password")
-    cluster.add_namespace("db")
-    add_secret(cluster, "db", "root-creds", {"username": "root", "password": password})
-    mongo = mongo_statefulset(
-        cluster,
-        "db",
-        "mongo",
-        {"snaphook.io/blueprint": "mongodb-kube", "snaphook.io/param.credentials": "root-creds"},
-    )
+    mongo = credentialed_mongo(cluster, "root-creds", "root", password)
     h = await dispatcher(harness, kube_cluster)
     pre = await decide(h, "backup.pre", "db/StatefulSet/mongo")
     assert pre["allowed"] is False

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +42,13 @@ def add_secret(cluster: FakeCluster, namespace: str, name: str, data: dict[str, 
     )
 
 
-@pytest.fixture
-async def access(kube_cluster: RunningCluster) -> AsyncIterator[KubeAccess]:
-    kube = KubeAccess(kube_cluster.kubeconfig, "fake")
-    await kube.connect()
-    yield kube
-    await kube.close()
-
-
 Factory = Callable[..., KubeSecretResolver]
 
 
 @pytest.fixture
-def resolver(access: KubeAccess) -> Factory:
+def resolver(kube_access: KubeAccess) -> Factory:
     def make(allow: list[str], **options: Any) -> KubeSecretResolver:
-        return KubeSecretResolver(access, allow, **options)
+        return KubeSecretResolver(kube_access, allow, **options)
 
     return make
 
@@ -95,9 +87,9 @@ async def test_reads_an_allowed_secret_and_masks_it_from_then_on(
     ],
 )
 def test_allow_list_patterns(
-    access: KubeAccess, pattern: str, namespace: str, name: str, allowed: bool
+    kube_access: KubeAccess, pattern: str, namespace: str, name: str, allowed: bool
 ) -> None:
-    assert KubeSecretResolver(access, [pattern]).allowed(namespace, name) is allowed
+    assert KubeSecretResolver(kube_access, [pattern]).allowed(namespace, name) is allowed
 
 
 async def test_nothing_is_allowed_by_default_and_refusals_ask_nothing(

@@ -220,10 +220,9 @@ async def run_of(h: Harness, run_id: str) -> dict[str, Any]:
 # --- several replicas in one process -------------------------------------------------------
 
 
-async def test_sync_wait_answers_on_a_replica_that_does_not_execute_the_run(
-    replica: Replicas,
-) -> None:
-    # B has one run slot, busy with a long run, so A executes everything sent after.
+async def busy_and_free(replica: Replicas) -> tuple[Harness, Harness]:
+    """Replicas B and A: B's one run slot is busy with a long run, so A executes every
+    run sent after."""
     b = await replica(max_concurrent_runs=1)
     held = await b.emit(subject="hold/Deployment/db")
     await eventually(
@@ -231,7 +230,13 @@ async def test_sync_wait_answers_on_a_replica_that_does_not_execute_the_run(
         SETTLE,
         what="B runs the hold step",
     )
-    a = await replica()
+    return b, await replica()
+
+
+async def test_sync_wait_answers_on_a_replica_that_does_not_execute_the_run(
+    replica: Replicas,
+) -> None:
+    b, a = await busy_and_free(replica)
 
     resp = await b.send(event_json(subject="decide/Deployment/db"), wait=10)
     assert resp.status == 200, await resp.text()
@@ -249,14 +254,7 @@ async def test_sync_wait_answers_on_a_replica_that_does_not_execute_the_run(
 async def test_decision_timeout_on_one_replica_stops_the_run_on_another(
     replica: Replicas,
 ) -> None:
-    b = await replica(max_concurrent_runs=1)
-    held = await b.emit(subject="hold/Deployment/db")
-    await eventually(
-        lambda: _step_status(b, held["run_id"], "hold", "running"),
-        SETTLE,
-        what="B runs the hold step",
-    )
-    a = await replica()
+    b, a = await busy_and_free(replica)
 
     # The binding gives the decision 0.3 s; the check step takes 1 s on A.
     resp = await b.send(event_json(subject="cut/Deployment/db"), wait=10)

@@ -162,6 +162,21 @@ async def post(http: aiohttp.ClientSession, url: str) -> Sample:
     return sent, answered, json.loads(answer)["run_id"]
 
 
+async def drain(http: aiohttp.ClientSession, *urls: str, timeout: float = 120.0) -> float:
+    """Seconds until no dispatcher at ``urls`` lists an accepted or running run."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        busy = 0
+        for url in urls:
+            for status in ("accepted", "running"):
+                async with http.get(f"{url}/v1/runs?status={status}&limit=1") as resp:
+                    busy += len((await resp.json())["runs"])
+        if not busy:
+            break
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - started
+
+
 async def final_runs(
     http: aiohttp.ClientSession, url: str, run_ids: list[str], timeout: float
 ) -> dict[str, dict[str, Any]]:

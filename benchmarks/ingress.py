@@ -41,6 +41,7 @@ from _common import (  # type: ignore[import-not-found]  # the sibling module
     SNAPHOOK,
     Sample,
     Server,
+    drain,
     final_runs,
     free_port,
     pct,
@@ -155,20 +156,6 @@ async def step_times(
     runs = await final_runs(http, url, run_ids, timeout)
     steps = {run_id: run["steps"][0] for run_id, run in runs.items()}
     return {run_id: (step["started_at"], step["finished_at"]) for run_id, step in steps.items()}
-
-
-async def drain(http: aiohttp.ClientSession, url: str, timeout: float = 120.0) -> float:
-    """Seconds until the dispatcher has no accepted or running run left."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        busy = 0
-        for status in ("accepted", "running"):
-            async with http.get(f"{url}/v1/runs?status={status}&limit=1") as resp:
-                busy += len((await resp.json())["runs"])
-        if not busy:
-            break
-        await asyncio.sleep(0.05)
-    return time.perf_counter() - started
 
 
 # --- measuring, interleaved ---------------------------------------------------------------

@@ -42,6 +42,7 @@ from _common import (  # type: ignore[import-not-found]  # the sibling module
     SNAPHOOK,
     Sample,
     Server,
+    drain,
     final_runs,
     free_port,
     pct,
@@ -147,19 +148,9 @@ async def latency(http: aiohttp.ClientSession, fleet: Fleet, count: int) -> None
     await asyncio.gather(*(sender() for _ in range(LATENCY_CONCURRENCY)))
 
 
-async def drain(http: aiohttp.ClientSession, fleet: Fleet, timeout: float = 300.0) -> float:
+async def drain_fleet(http: aiohttp.ClientSession, fleet: Fleet) -> float:
     """Seconds until no replica lists an accepted or running run."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        busy = 0
-        for server in fleet.servers:
-            for status in ("accepted", "running"):
-                async with http.get(f"{server.url}/v1/runs?status={status}&limit=1") as resp:
-                    busy += len((await resp.json())["runs"])
-        if not busy:
-            break
-        await asyncio.sleep(0.05)
-    return time.perf_counter() - started
+    return await drain(http, *(server.url for server in fleet.servers), timeout=300.0)
 
 
 async def final_times(
@@ -182,14 +173,14 @@ async def measure(options: argparse.Namespace, workdir: Path) -> list[Fleet]:
                         await server.ready(http)
                     for _ in range(WARMUP):
                         await post(http, fleet.next_url())
-                    await drain(http, fleet)
+                    await drain_fleet(http, fleet)
                 for _ in range(ROUNDS):
                     for fleet in made:
                         await throughput(http, fleet, options.seconds / ROUNDS)
-                        fleet.backlog = max(fleet.backlog, await drain(http, fleet))
+                        fleet.backlog = max(fleet.backlog, await drain_fleet(http, fleet))
                     for fleet in made:
                         await latency(http, fleet, options.samples // ROUNDS)
-                        await drain(http, fleet)
+                        await drain_fleet(http, fleet)
                 for fleet in made:
                     refused = sum(1 for _, _, run_id in fleet.samples if run_id is None)
                     if refused:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import json
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -36,6 +37,8 @@ CORE_ATTRIBUTES = frozenset(
 INT32 = range(-(2**31), 2**31)  # the CloudEvents Integer type
 
 _NAME = re.compile(r"[a-z0-9]+")
+# Names every invoke or reply carries: valid by the rule above, so no regex for them.
+_USUAL_NAMES = CORE_ATTRIBUTES | {"snaphookfunction", "snaphookinvocation", "traceparent"}
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Control characters, surrogates and BMP noncharacters are not allowed in String values.
 _BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
@@ -46,6 +49,12 @@ _PLANE_ENDS = re.compile(
     + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(1, 17))
     + "]"
 )
+# json.dumps with options builds an encoder per call; this is the same encoder, built once.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+# Header values the SDK's binary writer would leave as they are: printable ASCII but space,
+# '"' and '%' (HTTP binding 3.1.3.2), i.e. what ``quote(value, safe=...)`` does not touch.
+_HEADER_SAFE = re.compile(r"[!#$&-~]*")
+_JSON_FORMAT = JSONFormat()
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"  # date, T, time
     r"(?:[Zz]|([+-])([01]\d|2[0-3]):([0-5]\d))",  # offset
@@ -90,12 +99,16 @@ def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+# Content types repeat (nearly every request says application/json): the two questions
+# asked of each, twice per request, are remembered for a few recent values.
+@functools.lru_cache(maxsize=32)
 def _is_json_type(content_type: str) -> bool:
     # JSON format 3.1: "*/json" or "*/*+json" once parameters are stripped.
     subtype = _media_type(content_type).partition("/")[2]
     return subtype == "json" or subtype.endswith("+json")
 
 
+@functools.lru_cache(maxsize=32)
 def detect_mode(content_type: str | None) -> Mode:
     """The content mode; only the media type prefix counts, not whether it is supported."""
     media_type = _media_type(content_type)
@@ -146,15 +159,19 @@ def _content_type(raw_headers: Sequence[tuple[bytes, bytes]]) -> str | None:
         _malformed("Content-Type header is not ASCII", "content-type")
 
 
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")  # Python would otherwise accept NaN
+
+
+# What json.loads(text, parse_constant=...) would build anew on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _load_json(raw: bytes, field: str | None) -> Any:
     what = field or "request body"
-
-    def reject_constant(name: str) -> NoReturn:
-        raise ValueError(f"{name} is not JSON")  # Python would otherwise accept NaN
-
     try:
         # Decode explicitly: json.loads(bytes) would also guess UTF-16/32.
-        return json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
+        return _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         _malformed(f"{what} is not valid UTF-8", field)
     except (ValueError, RecursionError) as exc:
@@ -173,11 +190,12 @@ def _binary_event(
 ) -> ParsedEvent:
     attributes: dict[str, Any] = {}
     for raw_name, raw_value in raw_headers:
-        header = raw_name.decode("latin-1").lower()
-        if not header.startswith("ce-"):
+        if raw_name[:3].lower() != b"ce-":  # before decoding: most headers are not ce-*
             continue
+        header = raw_name.decode("latin-1").lower()
         name = header[3:]
-        _check_name(name, _binary_where)
+        if name not in _USUAL_NAMES:
+            _check_name(name, _binary_where)
         if name == "datacontenttype":  # HTTP binding 3.1.1
             _malformed("ce-datacontenttype must not be sent; use Content-Type", header)
         if name in attributes:
@@ -201,7 +219,7 @@ def _decode_header_value(raw: bytes, header: str) -> str:
     except UnicodeDecodeError:
         _malformed(f"{header} holds non-ASCII bytes; they must be percent-encoded", header)
     if "%" not in text:
-        return text  # nothing to decode, and ASCII is valid UTF-8: the common case
+        return text  # ASCII is valid UTF-8
     if _BAD_PERCENT.search(text):
         _malformed(f"{header} holds a malformed percent-encoding", header)
     try:
@@ -233,7 +251,8 @@ def _json_event(document: dict[str, Any], where: Where) -> ParsedEvent:
         # JSON format 2.2: a null attribute is the same as an absent one.
         if name in ("data", "data_base64") or value is None:
             continue
-        _check_name(name, where)
+        if name not in _USUAL_NAMES:
+            _check_name(name, where)
         attributes[name] = _json_attribute(name, value, where)
     encoded = document.get("data_base64")
     if encoded is None:
@@ -288,9 +307,10 @@ def _finish(attributes: dict[str, Any], data: Any, where: Where) -> ParsedEvent:
     for name in ("id", "source", "type"):
         if not attributes.get(name):
             _malformed(f"attribute {name} is required and must not be empty", where(name))
-    for name, value in attributes.items():
-        if isinstance(value, str) and _has_forbidden_chars(value):
-            _malformed(f"attribute {name} holds control or non-characters", where(name))
+    if not _all_printable_ascii(attributes):
+        for name, value in attributes.items():
+            if isinstance(value, str) and _has_forbidden_chars(value):
+                _malformed(f"attribute {name} holds control or non-characters", where(name))
     if "time" in attributes:
         attributes["time"] = _parse_time(attributes["time"], where("time"))
     try:
@@ -300,6 +320,15 @@ def _finish(attributes: dict[str, Any], data: Any, where: Where) -> ParsedEvent:
         name, problems = next(iter(exc.errors.items()))
         _malformed(_clip(str(problems[0]), 200), where(name))
     return ParsedEvent(attributes, data)
+
+
+def _all_printable_ascii(attributes: Mapping[str, Any]) -> bool:
+    """Every value is a string of U+0020-U+007E only (the common case): nothing forbidden."""
+    try:
+        text = "".join(attributes.values())
+    except TypeError:  # a boolean or integer (JSON format): look at each string
+        return False
+    return text.isascii() and text.isprintable()
 
 
 def _has_forbidden_chars(value: str) -> bool:
@@ -358,7 +387,7 @@ def _reply_data(attributes: dict[str, Any], data: Any, *, binary: bool) -> Any:
         if not binary:
             return data  # stored as a JSON value, not as a JSON document in a string
         # The SDK would write a str unquoted and a list as its Python repr.
-        return json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return _JSON_ENCODER.encode(data).encode("utf-8")
     if isinstance(data, str):
         return data.encode("utf-8") if binary else data
     raise TypeError(f"data for datacontenttype {content_type!r} must be str or bytes")
@@ -366,23 +395,57 @@ def _reply_data(attributes: dict[str, Any], data: Any, *, binary: bool) -> Any:
 
 def to_binary_message(attributes: dict[str, Any], data: Any) -> tuple[dict[str, str], bytes]:
     """Headers and body of a binary-mode message; the SDK fills in missing id and time."""
-    attrs = {name: value for name, value in attributes.items() if value is not None}
+    attrs = _without_none(attributes)
     body = _reply_data(attrs, data, binary=True)
-    for name, value in attrs.items():
-        if name not in CORE_ATTRIBUTES:  # the SDK would write True as "True"
-            attrs[name] = _canonical_string(value)
-    message = to_binary(CloudEvent(attrs, body), JSONFormat())
+    for name in attrs.keys() - CORE_ATTRIBUTES:
+        if type(attrs[name]) is not str:  # the SDK would write True as "True"
+            attrs[name] = _canonical_string(attrs[name])
+    event = CloudEvent(attrs, body)
+    headers = _plain_headers(event.get_attributes())
+    if headers is not None and (body is None or isinstance(body, bytes)):
+        return headers, body or b""
+    message = to_binary(event, _JSON_FORMAT)  # something to percent-encode
     return dict(message.headers), message.body
+
+
+def _plain_headers(attributes: Mapping[str, Any]) -> dict[str, str] | None:
+    """The SDK's binary-mode headers when no value needs percent-encoding (ids, names,
+    timestamps: nearly always), else None. ``quote`` on every header was a good share of
+    a reply's cost."""
+    plain = dict(attributes)
+    content_type = plain.pop("datacontenttype", None)  # the SDK writes it as it is
+    when = plain.get("time")
+    if isinstance(when, datetime):  # as the SDK writes it
+        text = when.isoformat()
+        plain["time"] = text[:-6] + "Z" if text.endswith("+00:00") else text
+    try:
+        joined = "!".join(plain.values())  # one match for all values ('!' is safe itself)
+    except TypeError:  # a value that is not a string
+        return None
+    if not _HEADER_SAFE.fullmatch(joined):
+        return None
+    # {"ce-" + name: value ...}, without a Python-level loop
+    headers = dict(zip(map("ce-".__add__, plain), plain.values(), strict=True))
+    if content_type is not None:
+        headers["content-type"] = str(content_type)
+    return headers
+
+
+def _without_none(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    attrs = dict(attributes)
+    if None in attrs.values():  # rare: a copy is all the common case needs
+        attrs = {name: value for name, value in attrs.items() if value is not None}
+    return attrs
 
 
 def to_structured_body(attributes: dict[str, Any], data: Any) -> bytes:
     """An ``application/cloudevents+json`` body; the SDK fills in missing id and time."""
-    attrs = {name: value for name, value in attributes.items() if value is not None}
+    attrs = _without_none(attributes)
     event_data = _reply_data(attrs, data, binary=False)
     for name, value in attrs.items():
         if isinstance(value, bytes):  # Binary-typed extensions are base64 strings in JSON
             attrs[name] = _canonical_string(value)
-    return to_structured(CloudEvent(attrs, event_data), JSONFormat()).body
+    return to_structured(CloudEvent(attrs, event_data), _JSON_FORMAT).body
 
 
 def encode_event(
@@ -390,10 +453,11 @@ def encode_event(
 ) -> tuple[dict[str, str], bytes]:
     """Headers and body to POST a structured-JSON-shaped ``event`` in ``mode``
     (``structured`` or ``binary``)."""
-    attributes = {name: value for name, value in event.items() if name != "data"}
+    attributes = dict(event)
+    data = attributes.pop("data", None)
     if mode == "binary":
-        return to_binary_message(attributes, event.get("data"))
-    body = to_structured_body(attributes, event.get("data"))
+        return to_binary_message(attributes, data)
+    body = to_structured_body(attributes, data)
     return {"Content-Type": STRUCTURED_TYPE}, body
 
 

@@ -265,12 +265,16 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
 
 async def _read_body(request: web.Request, settings: Settings) -> bytes:
     limit = settings.max_body_bytes
+    if request.content.is_eof():  # all there already (small bodies): nothing to wait for
+        body = request.content.read_nowait()  # what read() would gather, without its loop
+        if len(body) <= limit:
+            return body
     if request.content_length is not None and request.content_length > limit:
         raise EventError(
             413, "Payload Too Large", f"body of {request.content_length} bytes exceeds {limit}"
         )
-    if request.content.is_eof():  # all there already (small bodies): nothing to wait for
-        return await request.read()
+    if request.content.is_eof():  # too large, and no length said so (chunked, compressed)
+        raise EventError(413, "Payload Too Large", f"body exceeds {limit} bytes")
     try:
         async with asyncio.timeout(settings.body_timeout):  # a body trickled in byte by byte
             return await request.read()
@@ -301,7 +305,7 @@ async def invoke(request: web.Request) -> web.Response:
     if state.host is None or not state.ready:
         raise EventError(503, "Not ready", "the function host is starting or draining")
     answer = await state.host.handle(parsed.events[0], request.match_info.get("name"))
-    headers, payload = encode_event(answer.event, mode.value)
+    headers, payload = encode_event(answer.event, mode)  # a StrEnum: "binary", "structured"
     if answer.replayed:
         headers[REPLAYED_HEADER] = "true"
     return web.Response(status=200, body=payload, headers=headers)

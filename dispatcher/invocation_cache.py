@@ -115,12 +115,12 @@ class InvocationCache(Generic[T]):
         return tag, value
 
     def _remember(self, key: Hashable, tag: str, value: T) -> None:
-        self._done[key] = (self._clock() + self._ttl, tag, value)
-        self._done.move_to_end(key)
-        self._expire()
-
-    def _expire(self) -> None:
         now = self._clock()
+        self._done[key] = (now + self._ttl, tag, value)
+        self._done.move_to_end(key)
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
         while self._done:
             oldest = next(iter(self._done))
             if len(self._done) <= self._max and self._done[oldest][0] > now:

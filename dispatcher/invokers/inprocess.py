@@ -24,6 +24,12 @@ from functions.sdk import (
 
 log = logging.getLogger("snaphook.functions")
 
+_SECRET_TYPES = (SecretStr, SecretBytes)  # a tuple: ``A | B`` would build a union per call
+_SEQUENCES = (list, tuple, set)
+# Field names per params model: ``model_fields`` is a computed property, and the models
+# are the registered functions', a fixed set.
+_FIELD_NAMES: dict[type[BaseModel], tuple[str, ...]] = {}
+
 
 class StepLogger(logging.LoggerAdapter[logging.Logger]):
     """Adds run_id/step/function to every record, keeping the caller's own ``extra``
@@ -37,17 +43,24 @@ class StepLogger(logging.LoggerAdapter[logging.Logger]):
 def remember_secrets(value: Any) -> None:
     """Teach the redactor every SecretStr in validated params, so that a function which
     echoes one into a plain string output or log line cannot leak it."""
-    if isinstance(value, SecretStr | SecretBytes):
+    if isinstance(value, _SECRET_TYPES):
         redactor.add(value)
     elif isinstance(value, BaseModel):
-        for name in type(value).model_fields:
+        for name in _field_names(type(value)):
             remember_secrets(getattr(value, name))
     elif isinstance(value, dict):
         for item in value.values():
             remember_secrets(item)
-    elif isinstance(value, list | tuple | set):
+    elif isinstance(value, _SEQUENCES):
         for item in value:
             remember_secrets(item)
+
+
+def _field_names(model: type[BaseModel]) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(model)
+    if names is None:
+        names = _FIELD_NAMES[model] = tuple(model.model_fields)
+    return names
 
 
 def describe_validation(function: str, exc: ValidationError) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from dispatcher.cehttp import Mode, ParsedEvent, detect_mode, encode_event, parse_request
+from dispatcher.deadlines import Deadlines
 from dispatcher.errors import ConfigError, EventError, SnaphookError
 from dispatcher.function_events import Event, error_event, invoke_request, result_event
 from dispatcher.invocation_cache import InvocationCache, KeyConflict
@@ -123,6 +124,7 @@ class FunctionHost:
         self.served = served
         self.cache = cache
         self._source = source
+        self._deadlines = Deadlines()
 
     async def handle(self, event: ParsedEvent, path_function: str | None = None) -> Answer:
         """The answer to one invoke event; :class:`EventError` for a request to refuse."""
@@ -156,7 +158,7 @@ class FunctionHost:
         try:
             # The host enforces the deadline too: a dispatcher that gave up must not leave
             # the function running here for ever.
-            async with asyncio.timeout(invocation.timeout):
+            async with self._deadlines.within(invocation.timeout):
                 outputs = await self._invoker.invoke(invocation)
         except Exception as exc:
             failure = classify(exc, timeout=invocation.timeout)

@@ -121,8 +121,8 @@ class InvocationCache(Generic[T]):
         self._expire(now)
 
     def _expire(self, now: float) -> None:
-        while self._done:
-            oldest = next(iter(self._done))
-            if len(self._done) <= self._max and self._done[oldest][0] > now:
-                break
-            del self._done[oldest]
+        done = self._done
+        while len(done) > self._max:
+            done.popitem(last=False)
+        while done and next(iter(done.values()))[0] <= now:
+            done.popitem(last=False)

@@ -1,7 +1,7 @@
 """``snaphook function serve`` vs Google's functions-framework vs raw aiohttp, serving the
 same no-op CloudEvent function.
 
-    python benchmarks/function_host.py [--seconds 12] [--concurrency 32] [--samples 600]
+    python benchmarks/function_host.py [--seconds 12] [--concurrency 32] [--baseline DIR]
 
 Three servers run as subprocesses on 127.0.0.1, each as its default deployment runs it (one
 process; functions-framework: gunicorn with its default worker and threads):
@@ -14,7 +14,9 @@ process; functions-framework: gunicorn with its default worker and threads):
   ``cloudevents<2`` and so cannot share the project's virtualenv: the script creates
   (once) ``.bench-venv-ff`` beside the repository and installs it there with pip;
 * raw aiohttp: a bare handler that reads the body, parses the JSON and answers 200 — the
-  floor any Python CloudEvents receiver pays.
+  floor any Python CloudEvents receiver pays;
+* with ``--baseline DIR``, snaphook a second time from the source tree ``DIR`` (e.g. a
+  ``git worktree`` of an older commit), for before/after figures from the same run.
 
 The load generator is one aiohttp client in this process, sending every server the same
 binary-mode ``io.snaphook.function.invoke`` CloudEvent (a fresh id per request, so the
@@ -149,25 +151,13 @@ def clean_env(**more: str) -> dict[str, str]:
     return env
 
 
-def start_servers(workdir: Path, log_level: str) -> list[Server]:
+def start_servers(workdir: Path, log_level: str, baseline: Path | None) -> list[Server]:
     (workdir / "bench_noop.py").write_text(NOOP_MODULE, encoding="utf-8")
     (workdir / "ff_noop.py").write_text(FF_SOURCE, encoding="utf-8")
     ff = ensure_ff_venv()
-    ports = [free_port() for _ in range(3)]
-    snap_env = clean_env(
-        PORT=str(ports[0]),
-        PYTHONPATH=str(workdir),
-        SNAPHOOK_FUNCTION_MODULES="bench_noop",
-        SNAPHOOK_LOG_LEVEL=log_level,
-    )
-    return [
-        spawn(
-            "snaphook",
-            [str(SNAPHOOK), "function", "serve", "--functions", "bench.noop"],
-            ports[0],
-            workdir,
-            snap_env,
-        ),
+    ports = [free_port() for _ in range(4)]
+    servers = [
+        spawn_snaphook("snaphook", ports[0], workdir, log_level),
         spawn(
             "functions-framework",
             [
@@ -190,6 +180,25 @@ def start_servers(workdir: Path, log_level: str) -> list[Server]:
             clean_env(),
         ),
     ]
+    if baseline is not None:  # its packages come first on the path: the same entry point
+        servers.append(
+            spawn_snaphook("snaphook baseline", ports[3], workdir, log_level, source=baseline)
+        )
+    return servers
+
+
+def spawn_snaphook(
+    name: str, port: int, workdir: Path, log_level: str, *, source: Path | None = None
+) -> Server:
+    path = [str(source.resolve())] if source is not None else []
+    env = clean_env(
+        PORT=str(port),
+        PYTHONPATH=os.pathsep.join([*path, str(workdir)]),
+        SNAPHOOK_FUNCTION_MODULES="bench_noop",
+        SNAPHOOK_LOG_LEVEL=log_level,
+    )
+    argv = [str(SNAPHOOK), "function", "serve", "--functions", "bench.noop"]
+    return spawn(name, argv, port, workdir, env)
 
 
 @contextlib.contextmanager
@@ -391,7 +400,7 @@ class Tally:
     def latency(self, rounds: str, which: str) -> float:
         """The median over rounds of each round's p50 or p99 (ms)."""
         chosen = self.loaded if rounds == "loaded" else self.single
-        return statistics.median(getattr(r, which) for r in chosen)
+        return float(statistics.median(getattr(r, which) for r in chosen))
 
 
 async def measure(
@@ -429,14 +438,15 @@ def pct(values: list[float]) -> tuple[float, float]:
 
 def report(tallies: dict[str, Tally], generator: str, options: argparse.Namespace) -> None:
     names = list(tallies)
-    snap, ff, raw = (tallies[n] for n in names)
+    snap, ff, raw = (tallies[n] for n in names[:3])
     print(
         f"function host benchmark: {os.cpu_count()} CPUs, load generator {generator}, "
         f"servers on 127.0.0.1, {ROUNDS} interleaved rounds of {options.seconds / ROUNDS:g} s, "
         f"snaphook log level {options.log_level}"
     )
+    rule = "-" * (36 + 21 * len(names))
     print(f"{'':<36}" + "".join(f"{n:>21}" for n in names))
-    print("-" * 99)
+    print(rule)
 
     def line(label: str, values: list[str]) -> None:
         print(f"{label:<36}" + "".join(f"{v:>21}" for v in values))
@@ -457,7 +467,7 @@ def report(tallies: dict[str, Tally], generator: str, options: argparse.Namespac
         )
     line("    server CPU per request (us)", [f"{t.cpu_per_request:.0f}" for t in tallies.values()])
     line("non-200 answers or errors", [str(t.failed) for t in tallies.values()])
-    print("-" * 99)
+    print(rule)
     ratio = snap.per_second / ff.per_second if ff.per_second else float("nan")
     print(f"snaphook / functions-framework, requests/s: {ratio:.2f}x (goal >= {GOAL:g}x)")
     capacity = ff.cpu_per_request / snap.cpu_per_request
@@ -466,6 +476,13 @@ def report(tallies: dict[str, Tally], generator: str, options: argparse.Namespac
     print(f"functions-framework p99 / snaphook p99, under load: {p99:.2f}x")
     print(f"snaphook / raw aiohttp, requests/s: {snap.per_second / raw.per_second:.2f}x")
     print(f"raw aiohttp / functions-framework, requests/s: {raw.per_second / ff.per_second:.2f}x")
+    if "snaphook baseline" in tallies:
+        old = tallies["snaphook baseline"]
+        print(
+            f"snaphook / its baseline: {snap.per_second / old.per_second:.2f}x requests/s, "
+            f"{snap.cpu_per_request / old.cpu_per_request:.2f}x CPU per request; "
+            f"baseline / functions-framework, requests/s: {old.per_second / ff.per_second:.2f}x"
+        )
     print("goal met" if ratio >= GOAL else "goal NOT met")
 
 
@@ -475,6 +492,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--no-wrk", action="store_true", help="use the aiohttp client")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also serve snaphook from this source tree (e.g. a git worktree of an older commit)",
+    )
     parser.add_argument("--serve-raw", type=int, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.serve_raw:
@@ -482,7 +505,7 @@ def main() -> None:
         return
     with (
         tempfile.TemporaryDirectory(prefix="snaphook-fh-bench-") as tmp,
-        running(start_servers(Path(tmp), options.log_level)) as servers,
+        running(start_servers(Path(tmp), options.log_level, options.baseline)) as servers,
     ):
         tallies, generator = asyncio.run(measure(servers, options, Path(tmp)))
     report(tallies, generator, options)

@@ -5,13 +5,14 @@ CloudEvents in binary and structured mode, answers, refusals, dedup, auth; and a
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,29 @@ async def test_a_body_over_the_limit_is_413(host: HostFactory) -> None:
     resp = await h.post(invocation("test.effect", {"label": "x" * 4096}))
     await problem(resp, 413)
     assert not h.recorder.calls
+
+
+async def test_a_body_without_a_length_is_bounded_too(host: HostFactory) -> None:
+    """Chunked or compressed: no Content-Length to refuse by, the bytes themselves count."""
+    h = await host(max_body_bytes=2048)
+    small = invocation("test.effect", {"label": "small"})
+    headers, body = encode_event(small, "binary")
+
+    async def chunks(data: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 100):
+            yield data[start : start + 100]
+
+    resp = await h.client.post("/", data=chunks(body), headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["ce-type"] == "io.snaphook.function.result"
+
+    big = invocation("test.effect", {"label": "x" * 4096})
+    headers, body = encode_event(big, "binary")
+    await problem(await h.client.post("/", data=chunks(body), headers=headers), 413)
+    zipped = {**headers, "Content-Encoding": "gzip"}
+    # 4 kB of 'x' compress to far below the limit; what counts is what they inflate to.
+    await problem(await h.client.post("/", data=gzip.compress(body), headers=zipped), 413)
+    assert len(h.recorder.calls) == 1
 
 
 async def test_bearer_token_is_required_when_configured(host: HostFactory) -> None:

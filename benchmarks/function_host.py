@@ -35,7 +35,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,9 +46,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from _common import (  # type: ignore[import-not-found]  # the sibling module
+    REPO,
+    SNAPHOOK,
+    Server,
+    free_port,
+    pct,
+    spawn,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-SNAPHOOK = Path(sys.executable).with_name("snaphook")
 FF_VENV = REPO / ".bench-venv-ff"
 ROUNDS = 4
 GOAL = 5.0  # snaphook requests/s over functions-framework's
@@ -95,43 +100,6 @@ def serve_raw(port: int) -> None:
     app = web.Application()
     app.router.add_post("/", receive)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=lambda _: None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def spawn(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str]) -> Server:
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
-    return Server(name, proc, port, log)
 
 
 def ensure_ff_venv() -> Path:
@@ -366,7 +334,7 @@ async def ready(http: aiohttp.ClientSession, server: Server, timeout: float = 60
             sys.exit(f"{server.name} exited:\n{server.log.read_text(errors='replace')[-2000:]}")
         with contextlib.suppress(aiohttp.ClientError, OSError):
             body = (INVOKE_DATA % run_id).encode()
-            async with http.post(server.url, data=body, headers=headers) as resp:
+            async with http.post(f"{server.url}/", data=body, headers=headers) as resp:
                 if resp.status == 200:
                     return
         await asyncio.sleep(0.1)
@@ -412,28 +380,20 @@ async def measure(
         generator: LoadGenerator = Wrk(wrk, workdir) if wrk else AiohttpClient(http)
         for server in servers:
             await ready(http, server)
-            await generator.run(server.url, options.concurrency, 1.0)  # warm-up
+            await generator.run(f"{server.url}/", options.concurrency, 1.0)  # warm-up
         share = options.seconds / ROUNDS
         for _ in range(ROUNDS):
             for server in servers:
                 tally = tallies[server.name]
                 before = cpu_seconds(server.proc.pid)
-                loaded = await generator.run(server.url, options.concurrency, share)
+                loaded = await generator.run(f"{server.url}/", options.concurrency, share)
                 cpu = cpu_seconds(server.proc.pid) - before
                 tally.loaded.append(dataclasses.replace(loaded, cpu=cpu))
-                tally.single.append(await generator.run(server.url, 1, max(1.0, share / 4)))
+                tally.single.append(await generator.run(f"{server.url}/", 1, max(1.0, share / 4)))
     return tallies, generator.name
 
 
 # --- the report ---------------------------------------------------------------------------
-
-
-def pct(values: list[float]) -> tuple[float, float]:
-    """p50 and p99 of seconds, in milliseconds."""
-    if len(values) < 2:
-        return (values[0] * 1000,) * 2 if values else (float("nan"),) * 2
-    q = statistics.quantiles(values, n=100, method="inclusive")
-    return q[49] * 1000, q[98] * 1000
 
 
 def report(tallies: dict[str, Tally], generator: str, options: argparse.Namespace) -> None:

@@ -34,7 +34,6 @@ import jwt
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -43,6 +42,7 @@ from pydantic import (
 )
 
 from functions.httpguard import http_failure, policy_of, read_limited
+from functions.rendered import NameList, OptionalSecret, OptionalText
 from functions.sdk import Context, PermanentError, RetryableError, function
 
 SCOPE = "https://www.googleapis.com/auth/sqlservice.admin"
@@ -62,24 +62,9 @@ _MAX_BODY = 1024 * 1024  # answers are small JSON documents; the guard may allow
 _SHOWN = 300  # characters of a peer's error message kept in ours
 
 
-def _unset_if_blank(value: Any) -> Any:
-    # Template values are strings: an unset blueprint param renders as "".
-    return None if value == "" else value
-
-
-def _names_list(value: Any) -> Any:
-    """``"a, b"`` (as a template renders a list) → ``["a", "b"]``."""
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
 BaseUrl = Annotated[
     str, Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$"), AfterValidator(lambda u: u.rstrip("/"))
 ]
-OptionalText = Annotated[str | None, BeforeValidator(_unset_if_blank)]
-OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_unset_if_blank)]
-NameList = Annotated[list[str], BeforeValidator(_names_list)]
 
 
 # --- params and outputs ------------------------------------------------------------------

@@ -32,10 +32,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    SecretStr,
     model_validator,
 )
 
+from functions.rendered import OptionalSecret, OptionalText
 from functions.sdk import Context, FunctionError, PermanentError, RetryableError, function
 
 _REQUEST_TIMEOUT = 30.0  # one API call; waiting for a snapshot is many short calls
@@ -48,11 +48,6 @@ _BAD_SETTINGS = frozenset({"repository_exception"})  # registering: e.g. "missin
 _RESTORE_REFUSED = frozenset({"snapshot_restore_exception"})  # e.g. an open index in the way
 
 
-def _unset_if_blank(value: Any) -> Any:
-    # Template values are strings: an unset param renders as "".
-    return None if value == "" else value
-
-
 def _index_list(value: Any) -> Any:
     """``"logs-*, metrics"`` (as a template renders it) → a list; nothing → ``None``."""
     if isinstance(value, str):
@@ -62,8 +57,6 @@ def _index_list(value: Any) -> Any:
     return value
 
 
-OptionalText = Annotated[str | None, BeforeValidator(_unset_if_blank)]
-OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_unset_if_blank)]
 IndexList = Annotated[list[str] | None, BeforeValidator(_index_list)]
 
 

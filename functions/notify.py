@@ -51,6 +51,7 @@ from pydantic import (
 
 from functions.aws import aws_client, aws_failure
 from functions.httpguard import http_failure
+from functions.rendered import OptionalSecret, OptionalText
 from functions.sdk import Context, FunctionError, PermanentError, RetryableError, function
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -383,14 +384,6 @@ def _check_address(value: str) -> str:
 Address = Annotated[str, BeforeValidator(_check_address)]
 
 
-def _empty_is_none(value: Any) -> Any:
-    # A template that renders nothing (no SMTP login configured) means "not given".
-    return None if value == "" else value
-
-
-OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_empty_is_none)]
-
-
 class EmailParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -398,7 +391,7 @@ class EmailParams(BaseModel):
     port: int | None = Field(default=None, ge=1, le=65535)  # 25, 587 or 465 by ``tls``
     tls: Literal["none", "starttls", "tls"] = "starttls"
     # PEM bundle to verify the server with; default: the system's CAs.
-    ca_file: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
+    ca_file: OptionalText = None
     username: OptionalSecret = None
     password: OptionalSecret = None
     from_: Address = Field(alias="from")

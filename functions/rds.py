@@ -38,6 +38,7 @@ from functions.rds_api import (
     wait_deadline,
 )
 from functions.rds_naming import TAG_PREFIX, event_names, rds_identifier, resource_tags
+from functions.rendered import NameList, OptionalText, blank_is_none
 from functions.sdk import Context, PermanentError, RetryableError, function
 
 _REGION = r"^[a-z]{2}(-[a-z]+)+-\d+$"
@@ -46,25 +47,11 @@ _DB_ID = r"^[A-Za-z][A-Za-z0-9-]{0,62}$"
 Kind = Literal["instance", "cluster"]
 
 
-def _unset_if_blank(value: Any) -> Any:
-    # Template values are strings: an unset blueprint param renders as "".
-    return None if value == "" else value
-
-
-def _names_list(value: Any) -> Any:
-    """``"sg-1, sg-2"`` (as a template renders a list) → ``["sg-1", "sg-2"]``."""
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
-OptionalText = Annotated[str | None, BeforeValidator(_unset_if_blank)]
 Region = Annotated[str, Field(pattern=_REGION)]
-OptionalRegion = Annotated[Region | None, BeforeValidator(_unset_if_blank)]
-OptionalBool = Annotated[bool | None, BeforeValidator(_unset_if_blank)]
-NameList = Annotated[list[str], BeforeValidator(_names_list)]
+OptionalRegion = Annotated[Region | None, BeforeValidator(blank_is_none)]
+OptionalBool = Annotated[bool | None, BeforeValidator(blank_is_none)]
 OptionalPort = Annotated[
-    Annotated[int, Field(ge=1, le=65535)] | None, BeforeValidator(_unset_if_blank)
+    Annotated[int, Field(ge=1, le=65535)] | None, BeforeValidator(blank_is_none)
 ]
 
 

@@ -456,11 +456,7 @@ class SQLiteJournal:
             attempt,
             StepStatus.PENDING.value,
         )
-        # One op at a time on the writer thread: the WHERE clause is the compare.
-        rowcount: int = await self._call(
-            "claim_step", lambda conn: conn.execute(sql, values).rowcount
-        )
-        return rowcount == 1
+        return await self._call("claim_step", _compare_and_set(sql, values))
 
     # --- leases
 
@@ -495,11 +491,7 @@ class SQLiteJournal:
         sets, params = _LEASES.assignments(some(changes))
         sql = f"UPDATE leases SET {', '.join(sets)} WHERE lease_id = ? AND status = ?"
         values = (*params, lease_id, LeaseStatus(expected).value)
-        # Ops run one at a time on the writer thread, so "WHERE status = expected" is a CAS.
-        rowcount: int = await self._call(
-            "transition_lease", lambda conn: conn.execute(sql, values).rowcount
-        )
-        return rowcount == 1
+        return await self._call("transition_lease", _compare_and_set(sql, values))
 
 
 def _select(sql: str, params: Any, table: _Table[R]) -> Callable[[sqlite3.Connection], list[R]]:
@@ -512,6 +504,12 @@ def _one(
     """Look up one row (``table`` and ``where`` are literals from this module, never input)."""
     sql = f"SELECT * FROM {table} WHERE {where}"
     return lambda conn: next((codec.load(row) for row in conn.execute(sql, params)), None)
+
+
+def _compare_and_set(sql: str, params: Any) -> Callable[[sqlite3.Connection], bool]:
+    """An ``UPDATE`` whose ``WHERE`` holds the expected state: it applied iff one row changed.
+    Ops run one at a time on the writer thread, so the compare and the set cannot interleave."""
+    return lambda conn: conn.execute(sql, params).rowcount == 1
 
 
 def _update_one(sql: str, params: Any, missing: str) -> Callable[[sqlite3.Connection], None]:

@@ -204,12 +204,11 @@ def _build(
     journal: Journal,
     queue: RunQueue,
     http: aiohttp.ClientSession,
-    remote: Invoker | None = None,
+    remote: Invoker,
 ) -> AppState:
     metrics = Metrics()
-    invoker: Invoker = inprocess_invoker(settings, registry, secrets, http)
-    if remote is not None:
-        invoker = RoutingInvoker(invoker, remote, settings.remote_functions)
+    local = inprocess_invoker(settings, registry, secrets, http)
+    invoker = RoutingInvoker(local, remote, settings.remote_functions)
     leases = LeaseManager(journal, invoker, engine, registry, metrics)
     runner = Runner(
         journal,

@@ -37,6 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dispatcher.bodies import read_body
 from dispatcher.cehttp import Mode, ParsedEvent, detect_mode, encode_event, parse_request
 from dispatcher.deadlines import Deadlines
 from dispatcher.errors import ConfigError, EventError, SnaphookError
@@ -265,32 +266,6 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         return problem_response(500, "Internal Server Error", "see the function host log")
 
 
-async def _read_body(request: web.Request, settings: Settings) -> bytes:
-    limit = settings.max_body_bytes
-    if request.content.is_eof():  # all there already (small bodies): nothing to wait for
-        body = request.content.read_nowait()  # what read() would gather, without its loop
-        if len(body) <= limit:
-            return body
-    if request.content_length is not None and request.content_length > limit:
-        raise EventError(
-            413, "Payload Too Large", f"body of {request.content_length} bytes exceeds {limit}"
-        )
-    if request.content.is_eof():  # too large, and no length said so (chunked, compressed)
-        raise EventError(413, "Payload Too Large", f"body exceeds {limit} bytes")
-    try:
-        async with asyncio.timeout(settings.body_timeout):  # a body trickled in byte by byte
-            return await request.read()
-    except TimeoutError:
-        raise EventError(
-            408,
-            "Request Timeout",
-            f"the request body did not arrive within {settings.body_timeout:g} s",
-            headers={"Connection": "close"},
-        ) from None
-    except web.HTTPRequestEntityTooLarge:
-        raise EventError(413, "Payload Too Large", f"body exceeds {limit} bytes") from None
-
-
 async def invoke(request: web.Request) -> web.Response:
     state = request.app[HOST]
     check_token(state.token, request.headers.get("Authorization"))
@@ -302,7 +277,8 @@ async def invoke(request: web.Request) -> web.Response:
             "a function host takes one invocation per request, not a batch",
             field="content-type",
         )
-    body = await _read_body(request, state.settings)
+    settings = state.settings
+    body = await read_body(request, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     parsed = parse_request(request.raw_headers, body, max_batch=1)
     if state.host is None or not state.ready:
         raise EventError(503, "Not ready", "the function host is starting or draining")

@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from dispatcher.auth import AUTH, Caller
+from dispatcher.bodies import read_body
 from dispatcher.cehttp import (
     Mode,
     ParsedEvent,
@@ -81,43 +82,16 @@ def preferences(request: web.Request, cap: float) -> Preferences:
     return Preferences(wait=wait, reply="reply" in prefs)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise EventError(
-            413, "Payload Too Large", f"body of {request.content_length} bytes exceeds {limit}"
-        )
-    timeout = request.app[STATE].settings.body_timeout
-    try:
-        # Bounds a body trickled byte by byte (slowloris): headers alone start the handler.
-        async with asyncio.timeout(timeout):
-            return await request.read()
-    except TimeoutError:
-        raise EventError(
-            408,
-            "Request Timeout",
-            f"the request body did not arrive within body_timeout ({timeout:g} s)",
-            headers={"Connection": "close"},
-        ) from None
-    except web.HTTPRequestEntityTooLarge:
-        raise EventError(413, "Payload Too Large", f"body exceeds {limit} bytes") from None
-    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
-        raise EventError(
-            400,
-            "Malformed body",
-            f"the request body cannot be read: {exc}",
-            headers={"Connection": "close"},  # the rest of the body cannot be skipped
-        ) from None
-
-
 async def post_events(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     gate = request.app[AUTH]
     gate.require_credentials(request)  # none at all: 401 before the body is read
-    body = await _read_body(request, state.settings.max_body_bytes)
+    settings = state.settings
+    body = await read_body(request, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     # Before parsing: a caller without valid credentials learns nothing but 401.
     caller = await gate.authenticate(request, body)
-    prefs = preferences(request, state.settings.max_wait)
-    parsed = parse_request(request.raw_headers, body, max_batch=state.settings.max_batch)
+    prefs = preferences(request, settings.max_wait)
+    parsed = parse_request(request.raw_headers, body, max_batch=settings.max_batch)
     if parsed.mode is Mode.BATCH:
         return await _batch(state, parsed.events, prefs, caller)
     entry = await _one(state, parsed.events[0], prefs, caller)

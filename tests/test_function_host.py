@@ -270,6 +270,14 @@ async def test_a_body_over_the_limit_is_413(host: HostFactory) -> None:
     assert not h.recorder.calls
 
 
+async def test_an_undecodable_content_encoding_is_400(host: HostFactory) -> None:
+    h = await host()
+    headers, body = encode_event(invocation("test.effect", {"label": "x"}), "binary")
+    zipped = {**headers, "Content-Encoding": "gzip"}  # the body is not gzip
+    await problem(await h.client.post("/", data=body, headers=zipped), 400)
+    assert not h.recorder.calls
+
+
 async def test_a_body_without_a_length_is_bounded_too(host: HostFactory) -> None:
     """Chunked or compressed: no Content-Length to refuse by, the bytes themselves count."""
     h = await host(max_body_bytes=2048)

@@ -29,7 +29,7 @@ from dispatcher.kube_secrets import secret_resolver
 from dispatcher.leases import LeaseManager
 from dispatcher.limits import Limits, server_limits
 from dispatcher.metrics import Metrics
-from dispatcher.problems import error_response, problem_response
+from dispatcher.problems import error_response, http_error_response, problem_response
 from dispatcher.queueing import LocalQueue, RunQueue
 from dispatcher.replies import ReplySender
 from dispatcher.runner import Runner
@@ -87,8 +87,7 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
             raise
         if request.method == "POST":
             state.metrics.events_rejected.labels(status=str(exc.status)).inc()
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return problem_response(exc.status, exc.reason, exc.text or exc.reason, headers=headers)
+        return http_error_response(exc)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
     except Exception:

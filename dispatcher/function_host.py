@@ -46,7 +46,7 @@ from dispatcher.invocation_cache import InvocationCache, KeyConflict
 from dispatcher.invokers import Invocation, Invoker
 from dispatcher.invokers.factory import function_session, inprocess_invoker
 from dispatcher.limits import server_limits
-from dispatcher.problems import error_response, problem_response
+from dispatcher.problems import error_response, http_error_response, problem_response
 from dispatcher.retrying import classify
 from dispatcher.secrets import EnvSecretResolver
 from dispatcher.settings import Settings
@@ -257,8 +257,7 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return problem_response(exc.status, exc.reason, exc.text or exc.reason, headers=headers)
+        return http_error_response(exc)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
     except Exception:

@@ -59,3 +59,9 @@ def error_response(error: EventError) -> web.Response:
         headers=error.headers,
         **error.extra,
     )
+
+
+def http_error_response(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (404, 405 with its ``Allow``, 413, ...) as problems."""
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    return problem_response(exc.status, exc.reason, exc.text or exc.reason, headers=headers)
